@@ -1,0 +1,33 @@
+"""anti_i2v_jax: protect photos against malicious image-to-video generation (Anti-I2V, CVPR 2026) in JAX."""
+
+from anti_i2v_jax.attack import (
+    METHODS,
+    TERMS,
+    AttackConfig,
+    ProtectResult,
+    Protector,
+    protect,
+    protect_batch,
+)
+from anti_i2v_jax.backbones import load as load_backbone
+from anti_i2v_jax.errors import AttackError, ImageError, NonFiniteError, UserError
+from anti_i2v_jax.io import load_image, save_image
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "TERMS",
+    "AttackConfig",
+    "AttackError",
+    "ImageError",
+    "NonFiniteError",
+    "ProtectResult",
+    "Protector",
+    "UserError",
+    "load_backbone",
+    "load_image",
+    "protect",
+    "protect_batch",
+    "save_image",
+]

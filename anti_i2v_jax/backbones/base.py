@@ -1,0 +1,108 @@
+"""The Backbone protocol: everything the attack needs from an image-to-video model.
+
+An adapter is a small frozen object over (config, params) with pure methods. Parameters are passed
+explicitly (``backbone.params`` is the default) so that ``jax.jit`` sees them as arguments, never as
+constants folded into the program. Taps come back as plain ``{layer: array}`` dicts; only the layers
+asked for are computed and kept.
+
+Conventions every adapter follows:
+
+* images reach the adapter as ``(H, W, 3)`` float32 in [0, 1] at the *input's* resolution; the adapter's
+  own differentiable preprocessing (``resize_center_crop`` and normalisation) maps them to the model size;
+* ``condition`` returns the image condition (a pytree) and the requested VAE-encoder taps, which always
+  include ``"latent"`` (the scaled image latent) when asked for;
+* ``add_noise`` builds the clean video latents from the condition (the image repeated over frames unless
+  the adapter was given a reference video) and noises them at a sampled timestep;
+* ``denoise`` runs the denoiser on a :class:`Noisy` sample and returns its prediction in the backbone's own
+  parameterisation (eps, v or velocity) together with the requested block taps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+
+Params = Any
+Taps = dict[int | str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerDefaults:
+    """A backbone's block count and its default layer choices for IRC and IRA (documented per backbone)."""
+
+    num_layers: int
+    irc_early: int
+    irc_deep: tuple[int, ...]
+    ira_layers: tuple[int, ...]
+    vae_layers: tuple[str, ...]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Noisy:
+    """One draw of the forward diffusion process, shared by every loss term of a step."""
+
+    x0: jax.Array  # clean video latents the noise was added to
+    z_t: jax.Array  # noisy latents fed to the denoiser
+    t: jax.Array  # timestep (backbone units)
+    target: jax.Array  # what the denoiser should predict (eps, v or velocity)
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What the attack sees of an image-to-video backbone."""
+
+    name: str
+    model_size: tuple[int, int]  # (H, W) in pixels of the model input
+    min_input_side: int  # shorter side below which an input is refused
+    layers: LayerDefaults
+    params: Params
+
+    def encode_text(self, params: Params, prompt: str) -> Any:
+        """Text conditioning for ``prompt`` (tokenised on the host); a pytree of arrays."""
+        ...
+
+    def condition(
+        self, params: Params, x: jax.Array, key: jax.Array | None, *, vae_layers: Sequence[str] = ()
+    ) -> tuple[Any, Taps]:
+        """Image condition of ``x`` ((H, W, 3) in [0, 1]) and the VAE-encoder taps named in ``vae_layers``.
+
+        ``key`` None means the VAE posterior mean; a key samples the posterior (where supported).
+        """
+        ...
+
+    def add_noise(self, params: Params, cond: Any, key: jax.Array) -> Noisy:
+        """Clean video latents from ``cond`` noised at a timestep drawn with ``key``."""
+        ...
+
+    def denoise(
+        self, params: Params, noisy: Noisy, cond: Any, text: Any, *, taps: Sequence[int] = ()
+    ) -> tuple[jax.Array, Taps]:
+        """Denoiser prediction for ``noisy`` given the image condition and text, plus the requested block taps."""
+        ...
+
+    def diffusion_loss(self, prediction: jax.Array, noisy: Noisy) -> jax.Array:
+        """The backbone's own training loss for ``prediction`` (a float32 scalar)."""
+        ...
+
+
+def resize_center_crop(x: jax.Array, size: tuple[int, int], method: str = "linear") -> jax.Array:
+    """Differentiably resize ``(H, W, C)`` to cover ``size`` keeping the aspect ratio, then centre-crop to it."""
+    h, w = x.shape[-3:-1]
+    th, tw = size
+    scale = max(th / h, tw / w)
+    rh, rw = max(th, math.ceil(h * scale - 1e-6)), max(tw, math.ceil(w * scale - 1e-6))
+    if (rh, rw) != (h, w):
+        x = jax.image.resize(x, (*x.shape[:-3], rh, rw, x.shape[-1]), method=method, antialias=True)
+    top, left = (rh - th) // 2, (rw - tw) // 2
+    return x[..., top : top + th, left : left + tw, :]
+
+
+def to_signed(x: jax.Array) -> jax.Array:
+    """[0, 1] -> [-1, 1], the range every supported VAE expects."""
+    return jnp.asarray(x) * 2.0 - 1.0

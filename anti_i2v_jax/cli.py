@@ -1,0 +1,189 @@
+"""The ``anti-i2v`` command: protect images, list backbones."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from anti_i2v_jax.errors import AttackError, UserError
+
+DEFAULT_BACKBONE = "cogvideox-tiny"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from anti_i2v_jax.attack import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="anti-i2v",
+        description="Protect photos against image-to-video generation (Anti-I2V, in JAX).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("protect", help="add a protective perturbation to images")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", type=Path, help="image files")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"model to attack (default {DEFAULT_BACKBONE})")
+    p.add_argument("--weights", type=Path, help="converted weights folder (python -m weights_convert)")
+    p.add_argument("--prompt", help="text prompt / caption of the image (default: the config's prompt)")
+    p.add_argument("--eps", type=float, default=16.0, help="L-inf budget in 8-bit levels (default 16, i.e. 16/255)")
+    p.add_argument("--steps", type=int, default=200, help="optimisation steps (default 200)")
+    p.add_argument("--method", default="anti-i2v", choices=sorted(METHODS), help="objective preset")
+    p.add_argument("--schedule", help="perturbation spaces: alternate, lab, dct, rgb, or a list like lab,dct")
+    p.add_argument("--target", type=Path, help="IRA/MIST target image (default: a seeded procedural texture)")
+    p.add_argument("--out", type=Path, default=Path("protected"), help="output folder (default ./protected)")
+    p.add_argument("--devices", type=int, default=1, help="protect this many images at once, one per device")
+    p.add_argument("--parallel", default="shard_map", choices=["shard_map", "pmap"], help="with --devices > 1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-side", type=int, help="downscale inputs whose longer side exceeds this")
+    p.add_argument("--chunk-size", type=int, default=10, help="steps per compiled chunk (progress granularity)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable saves")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("backbones", help="list the registered backbones")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``anti-i2v``; returns the exit code (2: bad input, 1: the run failed)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "backbones":
+            return _backbones()
+        return _protect(args)
+    except UserError as e:
+        print(f"anti-i2v: error: {e}", file=sys.stderr)
+        return 2
+    except AttackError as e:
+        print(f"anti-i2v: run failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("anti-i2v: interrupted; run the same command again to resume from the last save", file=sys.stderr)
+        return 130
+
+
+def _backbones() -> int:
+    from anti_i2v_jax.backbones import registry
+
+    specs = registry.specs()
+    if not specs:
+        print("no backbones registered")
+        return 0
+    width = max(len(s.name) for s in specs)
+    for s in specs:
+        print(f"{s.name:<{width}}  {'needs --weights' if s.needs_weights else 'built in      '}  {s.summary}")
+    return 0
+
+
+def _protect(args: argparse.Namespace) -> int:
+    from anti_i2v_jax import io
+    from anti_i2v_jax.attack import AttackConfig, Protector
+    from anti_i2v_jax.backbones import registry
+
+    overrides = dict(
+        eps=args.eps / 255.0,
+        steps=args.steps,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+        checkpoint_every=args.checkpoint_every,
+    )
+    if args.schedule:
+        overrides["schedule"] = args.schedule
+    if args.prompt is not None:
+        overrides["prompt"] = args.prompt
+    config = AttackConfig.for_method(args.method, **overrides)
+    if args.devices < 1:
+        raise UserError(f"--devices must be >= 1, got {args.devices}")
+
+    names = [p.stem for p in args.inputs]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise UserError(f"inputs share the file name(s) {clashes}; their outputs would collide")
+    images = [io.load_image(p, max_side=args.max_side) for p in args.inputs]  # fail before any compute
+    target = io.load_image(args.target) if args.target else None
+    protected_paths = [*args.inputs, *([args.target] if args.target else [])]
+
+    backbone = registry.load(args.backbone, args.weights)
+    protector = Protector(backbone, config)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # Images of one size run together, one per device; otherwise one at a time.
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, im in enumerate(images):
+        groups[im.shape if args.devices > 1 else (i,)].append(i)
+    for members in groups.values():
+        for start in range(0, len(members), args.devices):
+            idx = members[start : start + args.devices]
+            state_dir = args.out / (f"{names[idx[0]]}.state" if len(idx) == 1 else f"{names[idx[0]]}.batch.state")
+            results = protector.protect(
+                [images[i] for i in idx],
+                target=target,
+                mode="sequential" if args.devices == 1 else args.parallel,
+                devices=len(idx),
+                checkpoint_dir=state_dir,
+                progress=not args.quiet,
+            )
+            for i, result in zip(idx, results):
+                _write_outputs(args, config, backbone.name, args.inputs[i], images[i], result, protected_paths)
+    return 0
+
+
+def _write_outputs(args, config, backbone_name, src: Path, original, result, protected_paths) -> None:
+    import jax
+
+    from anti_i2v_jax import io, metrics
+
+    stem = args.out / src.stem
+    image_path = io.save_image(f"{stem}_protected.png", result.image, protect=protected_paths)
+    change = metrics.linf(result.image, original)
+    report = {
+        "input": str(src),
+        "output": str(image_path),
+        "backbone": backbone_name,
+        "weights": str(args.weights) if args.weights else None,
+        "method": config.method,
+        "prompt": config.prompt,
+        "target": str(args.target) if args.target else f"procedural texture (seed {config.target_seed})",
+        "settings": config.to_dict(),
+        "size": list(original.shape[:2]),
+        "linf_levels": change,
+        "linf": change / 255.0,
+        "budget_levels": config.eps * 255.0,
+        "psnr_db": metrics.psnr(result.image, original),
+        "ssim": metrics.ssim(result.image, original),
+        "wall_seconds": result.seconds,
+        "resumed_from_step": result.resumed_from,
+        "devices": args.devices,
+        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "history": {k: v.tolist() for k, v in result.history.items()},
+    }
+    io.save_json(f"{stem}_report.json", report, protect=protected_paths)
+    _plot_losses(Path(f"{stem}_loss.png"), result.history, f"{src.name} [{backbone_name}, {config.method}]", protected_paths)
+    print(f"{src} -> {image_path}  (L-inf {change}/255, PSNR {report['psnr_db']:.2f} dB, SSIM {report['ssim']:.4f})")
+
+
+def _plot_losses(path: Path, history, title: str, protected_paths) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from anti_i2v_jax import io
+
+    terms = list(history)
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        ax.plot(history[term], lw=1)
+        ax.set_title(term)
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), protect=protected_paths)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

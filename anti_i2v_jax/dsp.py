@@ -1,0 +1,258 @@
+"""Dual-space perturbation (DSP): colour and frequency transforms, sign steps and the RGB budget.
+
+Anti-I2V perturbs an image in two spaces that alternate by iteration: the chroma channels (a*, b*)
+of CIE L*a*b* and the low-frequency coefficients of an orthonormal 2-D DCT-II. After every step the
+image is mapped back to RGB and projected onto ``||x_adv - x||_inf <= eps`` and [0, 1]; see
+``shared/docs/reference/method.md`` section 1.2 and the defaults of section 4.
+
+Images here are ``(..., H, W, 3)`` float arrays in [0, 1] (channels last). Everything is pure and
+differentiable; the gradient step in a space is the pull-back of the RGB gradient through that
+space's inverse transform, so one backward pass through the model serves every space.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# sRGB (IEC 61966-2-1) with the D65 white point, the convention of kornia and scikit-image.
+_XYZ_FROM_RGB = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
+_RGB_FROM_XYZ = np.linalg.inv(_XYZ_FROM_RGB)
+_D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+_SRGB_THRESHOLD = 0.04045  # on the encoded value
+_SRGB_LINEAR_THRESHOLD = 0.04045 / 12.92  # the same point on the linear value, so the inverse is exact
+# CIE f(t) switches from a cube root to a line near t = (6/29)^3. The rounded constants below are the
+# ones scikit-image and kornia use (CIE's exact 1/(3 (6/29)^2) = 7.78704 differs by up to 1.5e-4 in L*a*b*).
+_LAB_EPSILON = 0.008856
+_LAB_KAPPA = 7.787
+_LAB_F_EPSILON = _LAB_EPSILON ** (1.0 / 3.0)
+
+Space = Literal["rgb", "lab", "dct"]
+SPACES: tuple[Space, ...] = ("rgb", "lab", "dct")
+SCHEDULES = {"alternate": ("lab", "dct"), "lab": ("lab",), "dct": ("dct",), "rgb": ("rgb",)}
+
+
+def _safe_where(cond, fn_true, fn_false, x, safe_true, safe_false):
+    """``where(cond, fn_true(x), fn_false(x))`` whose gradient stays finite on the unused branch."""
+    return jnp.where(
+        cond, fn_true(jnp.where(cond, x, safe_true)), fn_false(jnp.where(cond, safe_false, x))
+    )
+
+
+def _srgb_to_linear(c):
+    return _safe_where(
+        c > _SRGB_THRESHOLD, lambda v: ((v + 0.055) / 1.055) ** 2.4, lambda v: v / 12.92, c, 1.0, 0.0
+    )
+
+
+def _linear_to_srgb(c):
+    return _safe_where(
+        c > _SRGB_LINEAR_THRESHOLD,
+        lambda v: 1.055 * v ** (1.0 / 2.4) - 0.055,
+        lambda v: 12.92 * v,
+        c,
+        1.0,
+        0.0,
+    )
+
+
+def _lab_f(t):
+    return _safe_where(
+        t > _LAB_EPSILON,
+        jnp.cbrt,
+        lambda v: _LAB_KAPPA * v + 16.0 / 116.0,
+        t,
+        1.0,
+        0.0,
+    )
+
+
+def _lab_f_inv(f):
+    return _safe_where(
+        f > _LAB_F_EPSILON, lambda v: v**3, lambda v: (v - 16.0 / 116.0) / _LAB_KAPPA, f, 1.0, 0.0
+    )
+
+
+def rgb_to_lab(rgb: jax.Array) -> jax.Array:
+    """sRGB in [0, 1] (D65) -> CIE L*a*b* with L* in [0, 100]; matches ``skimage.color.rgb2lab``."""
+    rgb = jnp.asarray(rgb)
+    xyz = _srgb_to_linear(rgb) @ jnp.asarray(_XYZ_FROM_RGB.T, rgb.dtype)
+    fx, fy, fz = jnp.moveaxis(_lab_f(xyz / jnp.asarray(_D65_WHITE, rgb.dtype)), -1, 0)
+    return jnp.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=-1)
+
+
+def lab_to_rgb(lab: jax.Array) -> jax.Array:
+    """Exact inverse of :func:`rgb_to_lab`; out-of-gamut colours are returned unclipped."""
+    lab = jnp.asarray(lab)
+    big_l, a, b = jnp.moveaxis(lab, -1, 0)
+    fy = (big_l + 16.0) / 116.0
+    f = jnp.stack([fy + a / 500.0, fy, fy - b / 200.0], axis=-1)
+    xyz = _lab_f_inv(f) * jnp.asarray(_D65_WHITE, lab.dtype)
+    return _linear_to_srgb(xyz @ jnp.asarray(_RGB_FROM_XYZ.T, lab.dtype))
+
+
+# --------------------------------------------------------------------------------------------- DCT
+
+
+def _pad_to_blocks(x: jax.Array, block: int) -> jax.Array:
+    h, w = x.shape[-3:-1]
+    pad = [(0, 0)] * (x.ndim - 3) + [(0, -h % block), (0, -w % block), (0, 0)]
+    return jnp.pad(x, pad)
+
+
+def _to_blocks(x: jax.Array, block: int) -> jax.Array:
+    *lead, h, w, c = x.shape
+    # (..., H, W, C) -> (..., H/b, W/b, b, b, C)
+    x = x.reshape(*lead, h // block, block, w // block, block, c)
+    return jnp.swapaxes(x, -4, -3)
+
+
+def _from_blocks(x: jax.Array) -> jax.Array:
+    *lead, nh, nw, b, _, c = x.shape
+    # (..., H/b, W/b, b, b, C) -> (..., H, W, C)
+    return jnp.swapaxes(x, -4, -3).reshape(*lead, nh * b, nw * b, c)
+
+
+def dct2(x: jax.Array, block: int | None = None) -> jax.Array:
+    """Orthonormal 2-D DCT-II over H and W of ``(..., H, W, C)``, globally or per ``block`` x ``block`` tile.
+
+    With a block size that does not divide H or W, the image is zero-padded on the bottom/right and the
+    coefficient array covers the padded size.
+    """
+    if block is None:
+        return jax.scipy.fft.dctn(x, type=2, axes=(-3, -2), norm="ortho")
+    tiles = _to_blocks(_pad_to_blocks(x, block), block)
+    return _from_blocks(jax.scipy.fft.dctn(tiles, type=2, axes=(-3, -2), norm="ortho"))
+
+
+def idct2(c: jax.Array, block: int | None = None, size: tuple[int, int] | None = None) -> jax.Array:
+    """Inverse of :func:`dct2`; ``size`` crops a block-padded result back to (H, W)."""
+    if block is None:
+        x = jax.scipy.fft.idctn(c, type=2, axes=(-3, -2), norm="ortho")
+    else:
+        x = _from_blocks(jax.scipy.fft.idctn(_to_blocks(c, block), type=2, axes=(-3, -2), norm="ortho"))
+    if size is not None:
+        x = x[..., : size[0], : size[1], :]
+    return x
+
+
+def low_frequency_mask(
+    size: tuple[int, int], fraction: float, block: int | None = None
+) -> np.ndarray:
+    """Boolean ``(H', W', 1)`` mask of the low-frequency DCT coefficients, for :func:`dct2`'s layout.
+
+    A coefficient (u, v) of a tile of n_h x n_w (the whole image, or one block) is kept when
+    ``u < ceil(fraction * n_h)`` and ``v < ceil(fraction * n_w)``.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"dct fraction must be in (0, 1], got {fraction}")
+    h, w = size
+    if block is None:
+        keep_h, keep_w = math.ceil(fraction * h), math.ceil(fraction * w)
+        return ((np.arange(h)[:, None] < keep_h) & (np.arange(w)[None, :] < keep_w))[..., None]
+    nh, nw = -(-h // block), -(-w // block)
+    keep = math.ceil(fraction * block)
+    tile = (np.arange(block)[:, None] < keep) & (np.arange(block)[None, :] < keep)
+    return np.tile(tile, (nh, nw))[..., None]
+
+
+def dct_step_scale(size: tuple[int, int], fraction: float, block: int | None = None) -> float:
+    """Coefficient step that gives an RGB change of RMS 1 when every masked coefficient moves by it.
+
+    With an orthonormal transform, moving K of N coefficients by +-s changes the image by RMS
+    ``s * sqrt(K / N)``; the config's ``step_dct`` is in RGB units and is multiplied by this scale.
+    """
+    mask = low_frequency_mask(size, fraction, block)
+    return math.sqrt(mask.size / mask.sum())
+
+
+# --------------------------------------------------------------------------- steps in each space
+
+
+def space_gradient(
+    space: Space,
+    x_adv: jax.Array,
+    grad_rgb: jax.Array,
+    *,
+    dct_fraction: float,
+    dct_block: int | None,
+) -> jax.Array:
+    """Pull the RGB gradient back into ``space``'s free variables (zero off the perturbed set)."""
+    if space == "rgb":
+        return grad_rgb
+    if space == "lab":
+        lab = rgb_to_lab(x_adv)
+        _, pullback = jax.vjp(lambda ab: lab_to_rgb(_with_ab(lab, ab)), lab[..., 1:])
+        (grad_ab,) = pullback(grad_rgb)
+        return grad_ab
+    if space == "dct":
+        # idct2 is orthonormal, so its pull-back is the forward transform.
+        mask = low_frequency_mask(x_adv.shape[-3:-1], dct_fraction, dct_block)
+        return jnp.where(mask, dct2(grad_rgb, dct_block), 0.0)
+    raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
+
+
+def space_apply(
+    space: Space, x_adv: jax.Array, update: jax.Array, *, dct_block: int | None
+) -> jax.Array:
+    """Apply an update expressed in ``space``'s free variables; returns the new (unprojected) RGB image."""
+    if space == "rgb":
+        return x_adv + update
+    if space == "lab":
+        lab = rgb_to_lab(x_adv)
+        return lab_to_rgb(_with_ab(lab, lab[..., 1:] + update))
+    if space == "dct":
+        return x_adv + idct2(update, dct_block, x_adv.shape[-3:-1])
+    raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
+
+
+def _with_ab(lab: jax.Array, ab: jax.Array) -> jax.Array:
+    return jnp.concatenate([lab[..., :1], ab], axis=-1)
+
+
+def project(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+    """Project onto the RGB L-inf ball of radius ``eps`` around ``x``, intersected with [0, 1]."""
+    return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+
+
+def schedule_spaces(schedule: str) -> tuple[Space, ...]:
+    """The cycle of spaces a schedule visits: a named one, or a comma-separated list like ``"lab,dct,dct"``."""
+    spaces = SCHEDULES.get(schedule) or tuple(s.strip() for s in schedule.split(","))
+    bad = [s for s in spaces if s not in SPACES]
+    if bad or not spaces:
+        raise ValueError(
+            f"unknown schedule {schedule!r}: use one of {sorted(SCHEDULES)} or a comma-separated "
+            f"list of {SPACES}"
+        )
+    return spaces  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------- quantisation
+
+
+def budget_levels(eps: float) -> int:
+    """The largest whole number of 8-bit levels that fits in ``eps`` (``eps`` on the [0, 1] scale)."""
+    return int(math.floor(eps * 255.0 + 1e-6))
+
+
+def quantize(x_adv: np.ndarray, x_u8: np.ndarray, eps: float) -> np.ndarray:
+    """Round the protected image to uint8 so that the L-inf budget still holds on the saved pixels.
+
+    Project, round, re-project onto the integer budget, then re-check: rounding alone could add
+    half a level beyond ``eps``.
+    """
+    x_u8 = np.asarray(x_u8)
+    levels = budget_levels(eps)
+    ref = x_u8.astype(np.int32)
+    q = np.rint(np.clip(np.asarray(x_adv, np.float64), 0.0, 1.0) * 255.0).astype(np.int32)
+    q = np.clip(np.clip(q, ref - levels, ref + levels), 0, 255)
+    change = int(np.abs(q - ref).max(initial=0))
+    if change > eps * 255.0 + 1e-6:  # cannot happen after the clip above; a guard against regressions
+        raise AssertionError(f"quantised change {change}/255 exceeds the budget {eps * 255:.3f}/255")
+    return q.astype(np.uint8)
