@@ -369,7 +369,10 @@ def _executor(chunk: Callable, mode: Mode, n_devices: int) -> Callable:
     if mode == "pmap":
         return jax.pmap(chunk, in_axes=(None, 0, None, 0, 0), devices=jax.devices()[:n_devices])
     if mode == "shard_map":
-        mesh = jax.make_mesh((n_devices,), ("image",), devices=jax.devices()[:n_devices])
+        # Auto axes: jit places host arrays by the in_specs (Explicit axes would demand pre-sharded inputs).
+        mesh = jax.make_mesh(
+            (n_devices,), ("image",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n_devices]
+        )
 
         def per_device(params, x0, target, text, state):
             # Each device holds a local batch of exactly one image: drop that axis and put it back.
@@ -396,7 +399,10 @@ def _index(tree, i):
 
 
 class _Checkpointer:
-    """Orbax save/restore of the batched loop state and history, guarded by a run fingerprint."""
+    """Orbax save/restore of the batched loop state and history, guarded by a run fingerprint.
+
+    The folder is created by the first save, so a run that fails before it leaves nothing behind.
+    """
 
     def __init__(self, directory: Path, fingerprint: str):
         import orbax.checkpoint as ocp
@@ -404,16 +410,25 @@ class _Checkpointer:
         self._ocp = ocp
         self.directory = directory.absolute()
         self.fingerprint = fingerprint
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        )
+        self._manager = None
+
+    def _open(self):
+        if self._manager is None:
+            ocp = self._ocp
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+            )
+        return self._manager
 
     def restore(self) -> tuple[dict, np.ndarray] | None:
-        step = self._manager.latest_step()
+        if not self.directory.is_dir():
+            return None
+        manager = self._open()
+        step = manager.latest_step()
         if step is None:
             return None
         ocp = self._ocp
-        restored = self._manager.restore(
+        restored = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
         )
         if restored["meta"].get("fingerprint") != self.fingerprint:
@@ -426,17 +441,19 @@ class _Checkpointer:
 
     def save(self, step: int, state: dict, history: np.ndarray) -> None:
         ocp = self._ocp
-        self._manager.save(
+        manager = self._open()
+        manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"state": state, "history": history}),
                 meta=ocp.args.JsonSave({"fingerprint": self.fingerprint, "step": step}),
             ),
         )
-        self._manager.wait_until_finished()
+        manager.wait_until_finished()
 
     def remove(self) -> None:
-        self._manager.close()
+        if self._manager is not None:
+            self._manager.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -1,0 +1,167 @@
+"""The protection loop on the test double: budget, objective, devices, resume, failures."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from anti_i2v_jax import METHODS, AttackConfig, NonFiniteError, Protector, UserError, protect, protect_batch
+from double import TinyBackbone
+
+FAST = AttackConfig(steps=6, chunk_size=3, checkpoint_every=3)
+
+
+def test_protect_keeps_size_budget_and_records_every_term(backbone, image):
+    result = protect(backbone, image, FAST)
+    assert result.image.shape == image.shape and result.image.dtype == np.uint8
+    change = np.abs(result.image.astype(int) - image.astype(int))
+    assert 0 < change.max() <= 16
+    assert set(result.history) == {"irc", "ira", "ira_vae", "dm", "total"}
+    for values in result.history.values():
+        assert values.shape == (6,) and np.isfinite(values).all()
+    # Step 0 normalises every term to 1: the total is the sum of the weights.
+    assert result.history["total"][0] == pytest.approx(1 + 1 + 1 - 1, rel=1e-5)
+
+
+def test_sign_descent_lowers_the_objective(backbone, image):
+    """Pulling the VAE features onto the target's: a deterministic term that should fall steadily."""
+    config = AttackConfig(weights=(("ira_vae", 1.0),), schedule="rgb", steps=20, chunk_size=10)
+    hist = protect(backbone, image, config).history["ira_vae"]
+    assert hist[-1] < 0.9 * hist[0]
+    flipped = dataclasses.replace(config, weights=(("ira_vae", -1.0),))
+    assert protect(backbone, image, flipped).history["ira_vae"][-1] > hist[0]
+
+
+@pytest.mark.parametrize("schedule", ["alternate", "lab", "dct", "rgb"])
+def test_every_schedule_moves_the_image_within_budget(backbone, image, schedule):
+    config = dataclasses.replace(FAST, schedule=schedule, eps=4 / 255)
+    out = protect(backbone, image, config).image
+    change = np.abs(out.astype(int) - image.astype(int))
+    assert 0 < change.max() <= 4
+
+
+def test_dct_schedule_changes_only_low_frequencies(backbone, image):
+    config = dataclasses.replace(FAST, schedule="dct", eps=1.0)  # a budget that never binds
+    protector = Protector(backbone, config)
+    (res,) = protector.protect([image])
+    from anti_i2v_jax import dsp
+
+    # Outside the band only the rounding to uint8 remains: white noise of RMS 1/(255 sqrt(12)).
+    diff = res.image.astype(np.float32) / 255 - image.astype(np.float32) / 255
+    c = np.asarray(dsp.dct2(diff))
+    mask = dsp.low_frequency_mask(image.shape[:2], config.dct_fraction)
+    outside = np.sqrt(np.mean(np.where(mask, 0, c) ** 2))
+    inside = np.sqrt(np.mean(np.where(mask, c, 0) ** 2))
+    rounding = 1 / (255 * np.sqrt(12))
+    assert outside < 1.2 * rounding
+    assert inside > 10 * rounding
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_preset_runs_within_budget(backbone, image, method):
+    config = AttackConfig.for_method(method, steps=2, chunk_size=2, checkpoint_every=2)
+    result = protect(backbone, image, config)
+    assert np.abs(result.image.astype(int) - image.astype(int)).max() <= 16
+    assert set(result.history) == {*config.term_names, "total"}
+    assert all(np.isfinite(v).all() for v in result.history.values())
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_data_parallel_equals_one_by_one(backbone, image, mode):
+    assert jax.device_count() >= 2, "conftest asks XLA for two host devices"
+    second = np.ascontiguousarray(image[::-1, ::-1])
+    config = dataclasses.replace(FAST, steps=4, chunk_size=2, checkpoint_every=2, prompt="a person")
+    batch = protect_batch(backbone, [image, second], config, mode=mode, devices=2, prompts=["a", "b"])
+    alone = [protect(backbone, im, config, prompt=p) for im, p in zip([image, second], ["a", "b"])]
+    for b, a in zip(batch, alone):
+        np.testing.assert_array_equal(b.image, a.image)
+        for k in a.history:
+            np.testing.assert_array_equal(b.history[k], a.history[k])
+
+
+def test_batch_with_more_images_than_devices_runs_in_rounds(backbone, image):
+    images = [image, image[::-1].copy(), image[:, ::-1].copy()]
+    config = dataclasses.replace(FAST, steps=2, chunk_size=2, checkpoint_every=2)
+    batch = protect_batch(backbone, images, config, mode="shard_map", devices=2)
+    assert len(batch) == 3
+    np.testing.assert_array_equal(batch[2].image, protect(backbone, images[2], config).image)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(backbone, image, tmp_path):
+    config = AttackConfig(steps=9, chunk_size=3, checkpoint_every=3, seed=5)
+    full = protect(backbone, image, config)
+
+    def stop_after_first_chunk(step, history):
+        if step == 3:
+            raise _Stop
+
+    ckpt = tmp_path / "state"
+    with pytest.raises(_Stop):
+        protect(backbone, image, config, checkpoint_dir=ckpt, callback=stop_after_first_chunk)
+    assert ckpt.is_dir()
+    resumed = protect(backbone, image, config, checkpoint_dir=ckpt)
+    assert resumed.resumed_from == 3
+    np.testing.assert_array_equal(resumed.image, full.image)
+    for k in full.history:
+        np.testing.assert_array_equal(resumed.history[k], full.history[k])
+    assert not ckpt.exists(), "the checkpoint is removed once the run is complete"
+
+
+def test_a_checkpoint_of_another_run_is_refused(backbone, image, tmp_path):
+    config = AttackConfig(steps=6, chunk_size=3, checkpoint_every=3)
+
+    def stop(step, history):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        protect(backbone, image, config, checkpoint_dir=tmp_path / "s", callback=stop)
+    with pytest.raises(UserError, match="different run"):
+        protect(backbone, image, dataclasses.replace(config, seed=1), checkpoint_dir=tmp_path / "s")
+
+
+def test_non_finite_loss_names_step_and_term(image):
+    bad = TinyBackbone.create(nan_loss=True)
+    with pytest.raises(NonFiniteError, match=r"step 0: loss term 'dm' is nan"):
+        protect(bad, image, AttackConfig.for_method("advdm", steps=3, chunk_size=3, checkpoint_every=3))
+
+
+def test_non_finite_gradient_names_step_and_term(image, tmp_path):
+    bad = TinyBackbone.create(nan_grad=True)
+    config = AttackConfig(steps=3, chunk_size=3, checkpoint_every=3)
+    with pytest.raises(NonFiniteError, match=r"step 0: the gradient is not finite \(from term\(s\) \['dm'\]\)"):
+        protect(bad, image, config, checkpoint_dir=tmp_path / "s")
+    assert not any(tmp_path.iterdir()), "nothing is written when a run fails"
+
+
+def test_bad_settings_are_clear_errors(backbone, image):
+    with pytest.raises(UserError, match="out of range"):
+        protect(backbone, image, AttackConfig(irc_deep=(7,)))
+    with pytest.raises(UserError, match="unknown loss terms"):
+        AttackConfig(weights=(("lpips", 1.0),))
+    with pytest.raises(UserError, match="multiple of"):
+        AttackConfig(chunk_size=4, checkpoint_every=10)
+    with pytest.raises(UserError, match="unknown method"):
+        AttackConfig.for_method("photoguard")
+    with pytest.raises(UserError, match="too small"):
+        protect(backbone, image[:8], FAST)
+    with pytest.raises(UserError, match="uint8"):
+        protect(backbone, image.astype(np.float32), FAST)
+
+
+def test_random_start_is_seeded(backbone, image):
+    config = AttackConfig.for_method("advdm", steps=0, chunk_size=1, checkpoint_every=1, seed=3)
+    a, b = protect(backbone, image, config).image, protect(backbone, image, config).image
+    np.testing.assert_array_equal(a, b)
+    assert 0 < np.abs(a.astype(int) - image.astype(int)).max() <= 16
+
+
+def test_a_protector_compiles_once_per_size(backbone, image):
+    protector = Protector(backbone, FAST)
+    protector.protect([image])
+    protector.protect([image[::-1].copy()])
+    assert len(protector._compiled) == 1
