@@ -509,7 +509,7 @@ class Protector:
         each ``(images, steps)``); raising from it stops the run, and a later call with the same
         ``checkpoint_dir`` resumes from the last save.
         """
-        images = [_check_image(im, self.backbone) for im in images]
+        images = [check_image(im, self.backbone) for im in images]
         if not images:
             return []
         shapes = {im.shape for im in images}
@@ -634,7 +634,8 @@ def _history_dict(names: Sequence[str], history: np.ndarray) -> dict[str, np.nda
     return {k: history[..., i] for i, k in enumerate((*names, "total"))}
 
 
-def _check_image(image: np.ndarray, backbone: Backbone) -> np.ndarray:
+def check_image(image: np.ndarray, backbone: Backbone) -> np.ndarray:
+    """``image`` if it is a uint8 RGB array large enough for ``backbone``; a UserError otherwise."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise UserError(

@@ -79,7 +79,7 @@ def _backbones() -> int:
 
 def _protect(args: argparse.Namespace) -> int:
     from anti_i2v_jax import io
-    from anti_i2v_jax.attack import AttackConfig, Protector
+    from anti_i2v_jax.attack import AttackConfig, Protector, check_image
     from anti_i2v_jax.backbones import registry
 
     overrides = dict(
@@ -98,14 +98,24 @@ def _protect(args: argparse.Namespace) -> int:
         raise UserError(f"--devices must be >= 1, got {args.devices}")
 
     names = [p.stem for p in args.inputs]
+    protected_paths = [*args.inputs, *([args.target] if args.target else [])]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise UserError(f"inputs share the file name(s) {clashes}; their outputs would collide")
+    inputs = {p.resolve() for p in protected_paths}
+    for name in names:
+        for suffix in ("_protected.png", "_report.json", "_loss.png"):
+            if (args.out / f"{name}{suffix}").resolve() in inputs:
+                raise UserError(f"output {args.out / (name + suffix)} would overwrite an input; choose another --out")
     images = [io.load_image(p, max_side=args.max_side) for p in args.inputs]  # fail before any compute
     target = io.load_image(args.target) if args.target else None
-    protected_paths = [*args.inputs, *([args.target] if args.target else [])]
 
     backbone = registry.load(args.backbone, args.weights)
+    for path, im in zip(args.inputs, images):
+        try:
+            check_image(im, backbone)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     protector = Protector(backbone, config)
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -1,0 +1,105 @@
+"""The anti-i2v command end to end on the test double (registered only for these tests)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from anti_i2v_jax import cli
+from anti_i2v_jax.backbones import registry
+from anti_i2v_jax.io import load_image, save_image
+
+
+@pytest.fixture
+def double_registered(backbone):
+    spec = registry.BackboneSpec(
+        name="test-double", summary="tests only", needs_weights=False, load=lambda weights: backbone
+    )
+    registry.register(spec)
+    yield "test-double"
+    registry.unregister("test-double")
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+FAST = ["--steps", "4", "--chunk-size", "2", "--checkpoint-every", "2", "--quiet"]
+
+
+def test_protect_writes_image_report_and_plot(tmp_path, image, capsys, double_registered):
+    src = tmp_path / "face.png"
+    save_image(src, image)
+    before = src.read_bytes()
+    code, out, err = _run(capsys, "protect", str(src), "--backbone", double_registered, "--out", str(tmp_path / "o"),
+                          "--prompt", "a person smiling", "--eps", "8", *FAST)
+    assert code == 0, err
+    protected = load_image(tmp_path / "o" / "face_protected.png")
+    assert protected.shape == image.shape
+    report = json.loads((tmp_path / "o" / "face_report.json").read_text())
+    assert report["linf_levels"] == np.abs(protected.astype(int) - image.astype(int)).max() <= 8
+    assert report["backbone"] == "test-double" and report["prompt"] == "a person smiling"
+    assert report["settings"]["steps"] == 4 and report["settings"]["eps"] == pytest.approx(8 / 255)
+    assert set(report["history"]) == {"irc", "ira", "ira_vae", "dm", "total"}
+    assert all(len(v) == 4 for v in report["history"].values())
+    assert 20 < report["psnr_db"] < 100 and 0 < report["ssim"] <= 1
+    assert (tmp_path / "o" / "face_loss.png").stat().st_size > 1000
+    assert src.read_bytes() == before
+    assert not list((tmp_path / "o").glob("*.state")), "no checkpoint left after success"
+    assert "face_protected.png" in out
+
+
+def test_two_images_on_two_devices(tmp_path, image, capsys, double_registered):
+    for name, im in [("a", image), ("b", image[::-1].copy())]:
+        save_image(tmp_path / f"{name}.png", im)
+    code, _, err = _run(capsys, "protect", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--backbone",
+                        double_registered, "--out", str(tmp_path / "o"), "--devices", "2", *FAST)
+    assert code == 0, err
+    assert (tmp_path / "o" / "a_protected.png").exists() and (tmp_path / "o" / "b_protected.png").exists()
+
+
+@pytest.mark.parametrize("content, message", [(b"not an image", "not an image"), (None, "no such file")])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, content, message, double_registered):
+    src = tmp_path / "x.png"
+    if content is not None:
+        src.write_bytes(content)
+    code, _, err = _run(capsys, "protect", str(src), "--backbone", double_registered, "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_too_small_image_is_refused_before_any_work(tmp_path, image, capsys, double_registered):
+    save_image(tmp_path / "tiny.png", image[:8, :8])
+    code, _, err = _run(capsys, "protect", str(tmp_path / "tiny.png"), "--backbone", double_registered,
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and "too small" in err and "tiny.png" in err
+
+
+def test_refuses_to_write_over_an_input(tmp_path, image, capsys, double_registered):
+    save_image(tmp_path / "a.png", image)
+    save_image(tmp_path / "a_protected.png", image)
+    before = (tmp_path / "a_protected.png").read_bytes()
+    code, _, err = _run(capsys, "protect", str(tmp_path / "a.png"), str(tmp_path / "a_protected.png"),
+                        "--backbone", double_registered, "--out", str(tmp_path), *FAST)
+    assert code == 2 and "overwrite an input" in err
+    assert (tmp_path / "a_protected.png").read_bytes() == before
+
+
+def test_unknown_backbone_and_missing_weights(tmp_path, image, capsys, double_registered):
+    save_image(tmp_path / "a.png", image)
+    code, _, err = _run(capsys, "protect", str(tmp_path / "a.png"), "--backbone", "nope")
+    assert code == 2 and "unknown backbone 'nope'" in err and "test-double" in err
+    registry.register(registry.BackboneSpec(name="needs-w", summary="", needs_weights=True, load=lambda w: None))
+    try:
+        code, _, err = _run(capsys, "protect", str(tmp_path / "a.png"), "--backbone", "needs-w")
+        assert code == 2 and "--weights" in err
+    finally:
+        registry.unregister("needs-w")
+
+
+def test_backbones_lists_the_registry(capsys, double_registered):
+    code, out, _ = _run(capsys, "backbones")
+    assert code == 0 and "test-double" in out and "built in" in out
