@@ -270,12 +270,11 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
         return jnp.sum(w * values / scale), (values, scale)
 
     def space_update(space, x_adv, grad):
-        g = dsp.space_gradient(
-            space, x_adv, grad, dct_fraction=config.dct_fraction, dct_block=config.dct_block
-        )
         opt = optimizers[space]
-        update, _ = opt.update(g, opt.init(g))
-        return dsp.space_apply(space, x_adv, update, dct_block=config.dct_block)
+        direction = lambda g: opt.update(g, opt.init(g))[0]  # noqa: E731  (stateless: sign, scale)
+        return dsp.space_step(
+            space, x_adv, grad, direction, dct_fraction=config.dct_fraction, dct_block=config.dct_block
+        )
 
     branches = [functools.partial(space_update, s) for s in space_list]
 
@@ -554,7 +553,7 @@ class Protector:
         else:
             state = jax.tree.map(lambda *xs: np.stack(xs), *[_initial_state(config, x) for x in x0])
             history = np.zeros((len(images), 0, len(names) + 1), np.float32)
-        resumed_from = int(state["step"][0])
+        resumed_from = int(np.asarray(state["step"])[0])
 
         from tqdm.auto import tqdm
 
@@ -569,8 +568,7 @@ class Protector:
             step = resumed_from
             while step < config.steps:
                 prev_state = state
-                state, record = run(params, x0, target, text, state)
-                state = jax.tree.map(np.asarray, state)
+                state, record = run(params, x0, target, text, state)  # the state stays on device
                 record = jax.tree.map(np.asarray, record)
                 n = min(config.chunk_size, config.steps - step)
                 self._check_finite(record, step, n, prev_state, x0, target, text, terms_at)
@@ -588,7 +586,7 @@ class Protector:
         seconds = time.perf_counter() - t_start
         out = []
         for i, im in enumerate(images):
-            protected = dsp.quantize(x0[i] + state["delta"][i], im, config.eps)
+            protected = dsp.quantize(x0[i] + np.asarray(state["delta"][i]), im, config.eps)
             hist = {k: v[i] for k, v in _history_dict(names, history).items()}
             out.append(ProtectResult(protected, hist, config.steps, seconds, resumed_from))
         if ckpt:

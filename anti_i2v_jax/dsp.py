@@ -13,6 +13,7 @@ space's inverse transform, so one backward pass through the model serves every s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -175,45 +176,91 @@ def dct_step_scale(size: tuple[int, int], fraction: float, block: int | None = N
 # --------------------------------------------------------------------------- steps in each space
 
 
+def _dct_rows(n: int, k: int) -> np.ndarray:
+    """The first ``k`` rows of the orthonormal DCT-II matrix of size ``n``: ``(k, n)``."""
+    rows = np.cos(np.pi * (2 * np.arange(n) + 1) * np.arange(k)[:, None] / (2 * n)) * np.sqrt(2.0 / n)
+    rows[0] /= np.sqrt(2.0)
+    return rows
+
+
+def _band_matrices(size: tuple[int, int], fraction: float, block: int | None):
+    """Per-axis matrices (k_h, b_h), (k_w, b_w) mapping a tile to its low-frequency band, and the tile size."""
+    tile = size if block is None else (block, block)
+    keep = [math.ceil(fraction * n) for n in tile]
+    return [jnp.asarray(_dct_rows(n, k), jnp.float32) for n, k in zip(tile, keep)], tile
+
+
+def dct_band(x: jax.Array, fraction: float, block: int | None = None) -> jax.Array:
+    """The low-frequency band of :func:`dct2`, ``(n_h, k_h, n_w, k_w, C)`` for n_h x n_w tiles.
+
+    Computed by two thin matrix products, O(H W k) instead of a full transform: the DCT step only ever
+    touches these coefficients.
+    """
+    (ch, cw), (bh, bw) = _band_matrices(x.shape[-3:-1], fraction, block)
+    tiles = x if block is None else _pad_to_blocks(x, block)
+    nh, nw = tiles.shape[-3] // bh, tiles.shape[-2] // bw
+    # (H, W, C) -> (n_h, b_h, n_w, b_w, C) -> (n_h, k_h, n_w, k_w, C)
+    tiles = tiles.reshape(*tiles.shape[:-3], nh, bh, nw, bw, tiles.shape[-1])
+    return jnp.einsum("ui,...nimjc,vj->...numvc", ch, tiles, cw)
+
+
+def dct_band_inverse(band: jax.Array, size: tuple[int, int], fraction: float, block: int | None = None) -> jax.Array:
+    """The image ``(H, W, C)`` whose DCT is ``band`` on the low frequencies and zero elsewhere."""
+    (ch, cw), (bh, bw) = _band_matrices(size, fraction, block)
+    tiles = jnp.einsum("ui,...numvc,vj->...nimjc", ch, band, cw)
+    *lead, nh, _, nw, _, c = tiles.shape
+    # (n_h, b_h, n_w, b_w, C) -> (H', W', C), cropped to (H, W)
+    return tiles.reshape(*lead, nh * bh, nw * bw, c)[..., : size[0], : size[1], :]
+
+
+def _chart(space: Space, x_adv: jax.Array, dct_fraction: float, dct_block: int | None):
+    """Free variables of ``space`` at ``x_adv`` and the map from them back to RGB."""
+    if space == "rgb":
+        return x_adv, lambda v: v
+    if space == "lab":
+        lab = rgb_to_lab(x_adv)
+        return lab[..., 1:], lambda ab: lab_to_rgb(jnp.concatenate([lab[..., :1], ab], axis=-1))
+    if space == "dct":
+        size = x_adv.shape[-3:-1]
+        zero = jnp.zeros_like(dct_band(x_adv, dct_fraction, dct_block))  # offsets of the band coefficients
+        return zero, lambda c: x_adv + dct_band_inverse(c, size, dct_fraction, dct_block)
+    raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
+
+
 def space_gradient(
+    space: Space, x_adv: jax.Array, grad_rgb: jax.Array, *, dct_fraction: float, dct_block: int | None
+) -> jax.Array:
+    """Pull the RGB gradient back onto ``space``'s free variables (a*/b*, low DCT band, or RGB)."""
+    coords, to_rgb = _chart(space, x_adv, dct_fraction, dct_block)
+    _, pullback = jax.vjp(to_rgb, coords)
+    return pullback(grad_rgb)[0]
+
+
+def space_apply(
+    space: Space, x_adv: jax.Array, update: jax.Array, *, dct_fraction: float, dct_block: int | None
+) -> jax.Array:
+    """Move ``space``'s free variables by ``update``; returns the new (unprojected) RGB image."""
+    coords, to_rgb = _chart(space, x_adv, dct_fraction, dct_block)
+    return to_rgb(coords + update)
+
+
+def space_step(
     space: Space,
     x_adv: jax.Array,
     grad_rgb: jax.Array,
+    direction: Callable[[jax.Array], jax.Array],
     *,
     dct_fraction: float,
     dct_block: int | None,
 ) -> jax.Array:
-    """Pull the RGB gradient back into ``space``'s free variables (zero off the perturbed set)."""
-    if space == "rgb":
-        return grad_rgb
-    if space == "lab":
-        lab = rgb_to_lab(x_adv)
-        _, pullback = jax.vjp(lambda ab: lab_to_rgb(_with_ab(lab, ab)), lab[..., 1:])
-        (grad_ab,) = pullback(grad_rgb)
-        return grad_ab
-    if space == "dct":
-        # idct2 is orthonormal, so its pull-back is the forward transform.
-        mask = low_frequency_mask(x_adv.shape[-3:-1], dct_fraction, dct_block)
-        return jnp.where(mask, dct2(grad_rgb, dct_block), 0.0)
-    raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
+    """One step in ``space``: pull back the gradient, turn it into an update, map back to RGB.
 
-
-def space_apply(
-    space: Space, x_adv: jax.Array, update: jax.Array, *, dct_block: int | None
-) -> jax.Array:
-    """Apply an update expressed in ``space``'s free variables; returns the new (unprojected) RGB image."""
-    if space == "rgb":
-        return x_adv + update
-    if space == "lab":
-        lab = rgb_to_lab(x_adv)
-        return lab_to_rgb(_with_ab(lab, lab[..., 1:] + update))
-    if space == "dct":
-        return x_adv + idct2(update, dct_block, x_adv.shape[-3:-1])
-    raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
-
-
-def _with_ab(lab: jax.Array, ab: jax.Array) -> jax.Array:
-    return jnp.concatenate([lab[..., :1], ab], axis=-1)
+    The same as ``space_apply(space, x, direction(space_gradient(space, x, g)))`` with the chart
+    (e.g. the L*a*b* conversion of ``x_adv``) computed once.
+    """
+    coords, to_rgb = _chart(space, x_adv, dct_fraction, dct_block)
+    _, pullback = jax.vjp(to_rgb, coords)
+    return to_rgb(coords + direction(pullback(grad_rgb)[0]))
 
 
 def project(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:

@@ -111,18 +111,43 @@ def test_space_gradient_is_the_gradient_in_that_space(space):
         )
     else:
         mask = dsp.low_frequency_mask((12, 10), 0.5)
-        expected = jax.grad(lambda d: loss(dsp.idct2(dsp.dct2(x) + mask * d)))(jnp.zeros_like(x))
+        full = jax.grad(lambda d: loss(dsp.idct2(dsp.dct2(x) + mask * d)))(jnp.zeros_like(x))
+        expected = np.asarray(full)[:6, :5][None, :, None]  # the band, as (tiles_h, k_h, tiles_w, k_w, C)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block", [None, 4])
+def test_dct_band_is_the_masked_dct_and_its_inverse_is_the_band_limited_image(block):
+    x = jnp.asarray(_random_image(5, 13, 18))
+    band = np.asarray(dsp.dct_band(x, 0.5, block))
+    full = np.asarray(dsp.dct2(x, block))
+    b_h, b_w = (13, 18) if block is None else (block, block)
+    k_h, k_w = -(-b_h // 2), -(-b_w // 2)
+    tiles = full.reshape(full.shape[0] // b_h, b_h, full.shape[1] // b_w, b_w, 3)
+    np.testing.assert_allclose(band, tiles[:, :k_h, :, :k_w], atol=2e-5)
+    mask = dsp.low_frequency_mask((13, 18), 0.5, block)
+    limited = dsp.idct2(np.where(mask, full, 0.0), block, (13, 18))
+    np.testing.assert_allclose(dsp.dct_band_inverse(band, (13, 18), 0.5, block), limited, atol=2e-5)
+
+
+def test_space_step_is_gradient_then_apply():
+    x = jnp.asarray(_random_image(4, 9, 11) * 0.8 + 0.1)
+    g = jnp.asarray(np.random.default_rng(2).standard_normal(x.shape), jnp.float32)
+    direction = lambda v: -0.3 * jnp.sign(v)  # noqa: E731
+    for space in dsp.SPACES:
+        kw = dict(dct_fraction=0.25, dct_block=None)
+        two = dsp.space_apply(space, x, direction(dsp.space_gradient(space, x, g, **kw)), **kw)
+        np.testing.assert_allclose(dsp.space_step(space, x, g, direction, **kw), two, atol=1e-6)
 
 
 def test_lab_step_leaves_lightness_and_dct_step_leaves_high_frequencies():
     x = jnp.asarray(_random_image(2, 16, 16) * 0.6 + 0.2)
     upd_ab = 0.5 * jnp.sign(jnp.asarray(np.random.default_rng(0).standard_normal((16, 16, 2)), jnp.float32))
-    moved = dsp.space_apply("lab", x, upd_ab, dct_block=None)
+    moved = dsp.space_apply("lab", x, upd_ab, dct_fraction=0.25, dct_block=None)
     np.testing.assert_allclose(dsp.rgb_to_lab(moved)[..., 0], dsp.rgb_to_lab(x)[..., 0], atol=1e-3)
     assert float(jnp.abs(moved - x).max()) > 1e-3
     mask = dsp.low_frequency_mask((16, 16), 0.25)
-    moved = dsp.space_apply("dct", x, jnp.where(mask, 0.1, 0.0), dct_block=None)
+    moved = dsp.space_apply("dct", x, jnp.full((1, 4, 1, 4, 3), 0.1), dct_fraction=0.25, dct_block=None)
     delta_c = dsp.dct2(moved) - dsp.dct2(x)
     np.testing.assert_allclose(jnp.where(mask, 0.0, delta_c), 0.0, atol=1e-5)
 
