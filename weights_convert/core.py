@@ -1,0 +1,316 @@
+"""The conversion engine: stream tensors, map keys by a rule table, fill an abstract Flax tree, check all.
+
+A converter is a table of :class:`Rule` (a regex over the upstream key -> a Flax path and a named
+transform) plus an abstract parameter tree from ``jax.eval_shape``. :func:`convert` reads one tensor at
+a time (memory-mapped), transforms it, checks its shape against the abstract leaf, and fails listing
+both sets when any source key is unused or any Flax leaf is unset or mis-shaped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from anti_i2v_jax.errors import UserError
+
+# ------------------------------------------------------------------------------------------ transforms
+
+# name -> (array transform, shape transform). PyTorch layouts to Flax layouts.
+TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[tuple], tuple]]] = {
+    "identity": (lambda a: a, lambda s: tuple(s)),
+    "linear": (lambda a: a.T, lambda s: tuple(reversed(s))),  # (out, in) -> (in, out)
+    "conv2d": (lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[2], s[3], s[1], s[0])),  # OIHW -> HWIO
+    "conv3d": (lambda a: a.transpose(2, 3, 4, 1, 0), lambda s: (s[2], s[3], s[4], s[1], s[0])),  # OITHW -> THWIO
+    "squeeze0": (lambda a: a[0], lambda s: tuple(s[1:])),  # (1, ...) buffers
+}
+
+
+TORCH = "<torch>"  # a Rule target meaning: the generic PyTorch -> Flax rename below
+
+
+def torch_to_flax(key: str, ndim: int) -> tuple[str, str]:
+    """The generic rename: ``a.b.3.c.weight`` -> ``a/b_3/c/kernel`` (or ``scale`` for 1-D norm weights),
+    with the layout transform chosen by the tensor's rank (Linear, Conv2d, Conv3d)."""
+    parts: list[str] = []
+    for p in key.split("."):
+        if p.isdigit() and parts:
+            parts[-1] += f"_{p}"
+        else:
+            parts.append(p)
+    transform = "identity"
+    if parts[-1] == "weight":
+        if ndim == 1:
+            parts[-1] = "scale"
+        else:
+            parts[-1] = "kernel"
+            transform = {2: "linear", 4: "conv2d", 5: "conv3d"}[ndim]
+    return "/".join(parts), transform
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """``pattern`` (a regex matched against the whole upstream key) -> ``target`` Flax path ('/'-separated,
+    with ``\\1``-style groups), through the named ``transform``."""
+
+    pattern: str
+    target: str
+    transform: str = "identity"
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"unknown transform {self.transform!r}")
+
+
+# ------------------------------------------------------------------------------------------ readers
+
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name
+    file: Path
+    offsets: tuple[int, int]
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], int]:
+    """Tensor names, shapes and byte ranges of a safetensors file, reading only its header."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    infos = {
+        k: TensorInfo(tuple(v["shape"]), v["dtype"], path, tuple(v["data_offsets"])) for k, v in header.items()
+    }
+    return infos, 8 + n
+
+
+class SafetensorsSource:
+    """A safetensors checkpoint: one file, or a folder with ``*.safetensors.index.json`` shards."""
+
+    def __init__(self, path: str | Path, *, stem: str | None = None):
+        path = Path(path)
+        self.path = path
+        self.tensors: dict[str, TensorInfo] = {}
+        self._data_start: dict[Path, int] = {}
+        files = self._files(path, stem)
+        for file in files:
+            infos, start = read_safetensors_header(file)
+            self._data_start[file] = start
+            for k, info in infos.items():
+                if k in self.tensors:
+                    raise UserError(f"{path}: tensor {k!r} appears in two shards")
+                self.tensors[k] = info
+
+    @staticmethod
+    def _files(path: Path, stem: str | None) -> list[Path]:
+        if path.is_file():
+            return [path]
+        if not path.is_dir():
+            raise UserError(f"{path}: no such file or folder")
+        indices = sorted(path.glob("*.safetensors.index.json"))
+        if stem is not None:
+            indices = [p for p in indices if p.name.startswith(stem)]
+        if len(indices) > 1:
+            raise UserError(f"{path}: several index files {[p.name for p in indices]}")
+        if indices:
+            index = json.loads(indices[0].read_text())
+            names = sorted(set(index.get("weight_map", {}).values()))
+            missing = [n for n in names if not (path / n).is_file()]
+            if missing:
+                raise UserError(f"{path}: shards named in {indices[0].name} are missing: {missing}")
+            return [path / n for n in names]
+        files = sorted(path.glob("*.safetensors"))
+        if stem is not None:
+            files = [p for p in files if p.name.startswith(stem)]
+        if len(files) != 1:
+            raise UserError(
+                f"{path}: expected one .safetensors file or an index.json, found {[p.name for p in files]}"
+            )
+        return files
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.tensors[key].shape
+
+    def load(self, key: str) -> np.ndarray:
+        """One tensor, memory-mapped (no copy until transformed)."""
+        info = self.tensors[key]
+        if info.dtype not in _ST_DTYPES:
+            raise UserError(f"{info.file}: tensor {key!r} has unsupported dtype {info.dtype}")
+        dtype = np.dtype(_ST_DTYPES[info.dtype])
+        begin, end = info.offsets
+        count = (end - begin) // dtype.itemsize
+        mm = np.memmap(info.file, dtype=np.uint8, mode="r", offset=self._data_start[info.file] + begin, shape=(end - begin,))
+        return mm.view(dtype)[:count].reshape(info.shape)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+
+class DictSource:
+    """Tensors already in memory (e.g. from a torch state dict converted to numpy)."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], path: str = "<memory>"):
+        self.path = path
+        self._t = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t[key].shape)
+
+    def load(self, key: str) -> np.ndarray:
+        return np.asarray(self._t[key])
+
+
+# ------------------------------------------------------------------------------------------ mapping
+
+
+class ConversionError(UserError):
+    """The checkpoint and the Flax tree do not match; the message lists both sets."""
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, (*prefix, k)))
+        else:
+            out["/".join((*prefix, k))] = v
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def plan(
+    shapes: Mapping[str, tuple[int, ...]], rules: list[Rule], ignore: Iterable[str] = ()
+) -> tuple[dict[str, tuple[str, str]], list[str], list[str]]:
+    """Map every source key: (target path -> (key, transform)), unmatched keys, ignored keys.
+
+    The first matching rule wins; a rule whose target is ``TORCH`` renames the whole key generically."""
+    compiled = [(re.compile(r.pattern), r) for r in rules]
+    ignore_re = [re.compile(p) for p in ignore]
+    mapping: dict[str, tuple[str, str]] = {}
+    unmatched, ignored = [], []
+    for key in shapes:
+        if any(p.fullmatch(key) for p in ignore_re):
+            ignored.append(key)
+            continue
+        for regex, rule in compiled:
+            m = regex.fullmatch(key)
+            if m:
+                if rule.target == TORCH:
+                    target, transform = torch_to_flax(key, len(shapes[key]))
+                else:
+                    target, transform = m.expand(rule.target), rule.transform
+                if target in mapping:
+                    raise ConversionError(f"keys {mapping[target][0]!r} and {key!r} both map to {target}")
+                mapping[target] = (key, transform)
+                break
+        else:
+            unmatched.append(key)
+    return mapping, unmatched, ignored
+
+
+@dataclasses.dataclass
+class Report:
+    mapped: int
+    ignored: int
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+
+    def summary(self) -> str:
+        return (
+            f"mapped {self.mapped} tensors, ignored {self.ignored}, missing {len(self.missing)}, "
+            f"unexpected {len(self.unexpected)}"
+        )
+
+    def raise_if_bad(self, what: str) -> None:
+        problems = []
+        if self.unexpected:
+            problems.append(f"source keys no rule uses ({len(self.unexpected)}): {sorted(self.unexpected)}")
+        if self.missing:
+            problems.append(f"Flax leaves no source key fills ({len(self.missing)}): {sorted(self.missing)}")
+        if self.mismatched:
+            problems.append(f"shape mismatches ({len(self.mismatched)}): {self.mismatched}")
+        if problems:
+            raise ConversionError(f"{what}: checkpoint does not match the model.\n  " + "\n  ".join(problems))
+
+
+def convert(
+    source,
+    rules: list[Rule],
+    abstract: Mapping,
+    *,
+    ignore: Iterable[str] = (),
+    dtype: Any = None,
+    dry_run: bool = False,
+    what: str = "conversion",
+) -> tuple[dict | None, Report]:
+    """Fill ``abstract`` (a tree of ShapeDtypeStruct) from ``source`` through ``rules``.
+
+    With ``dry_run`` only shapes are checked (no tensor data is read). Returns (params or None, report);
+    raises :class:`ConversionError` listing every problem.
+    """
+    mapping, unmatched, ignored = plan({k: source.shape(k) for k in source.keys()}, rules, ignore)
+    targets = _flatten(abstract)
+    missing = sorted(set(targets) - set(mapping))
+    unexpected = sorted(unmatched + [f"{k} -> {t} (no such Flax leaf)" for t, (k, _) in mapping.items() if t not in targets])
+    mismatched = []
+    for target, (key, transform) in mapping.items():
+        if target not in targets:
+            continue
+        want = tuple(targets[target].shape)
+        got = TRANSFORMS[transform][1](source.shape(key))
+        if got != want:
+            mismatched.append(f"{key} {tuple(source.shape(key))} -> {target} {got}, model expects {want}")
+    report = Report(len(mapping), len(ignored), missing, unexpected, mismatched)
+    report.raise_if_bad(what)
+    if dry_run:
+        return None, report
+    flat = {}
+    for target, (key, transform) in mapping.items():
+        leaf_dtype = dtype or targets[target].dtype
+        flat[target] = np.asarray(TRANSFORMS[transform][0](source.load(key)), dtype=leaf_dtype)
+    return _unflatten(flat), report
+
+
+def abstract_params(init_fn: Callable[[], Any]) -> dict:
+    """The parameter tree of ``init_fn`` as ShapeDtypeStructs, without allocating it."""
+    variables = jax.eval_shape(init_fn)
+    return jax.tree.map(lambda x: x, dict(variables["params"]))
