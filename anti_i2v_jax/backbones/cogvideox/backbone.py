@@ -1,0 +1,222 @@
+"""The CogVideoX image-to-video adapter: the Backbone protocol over the Flax VAE, transformer and text encoder.
+
+I2V wiring, as ``CogVideoXImageToVideoPipeline``: the image (resized and centre-cropped to the model
+size, [-1, 1]) is VAE-encoded as one frame; its posterior mean (or a sample) is scaled (x0.7 for v1.0,
+/0.7 for v1.5), zero-padded to F latent frames and concatenated on channels after the noisy latents.
+The diffusion loss is the v-prediction MSE at a uniformly drawn timestep, against clean video latents
+that are, by default, the image latent (x0.7) repeated over the F frames, or a reference video's latents.
+
+Layer defaults (documented choices, configurable through ``AttackConfig``):
+
+* IRC: block 3 (semantics-free, "whiteboard") vs the last 3 blocks (39, 40, 41 of 42), as in the paper;
+* IRA (denoiser): blocks from 27 on (where the paper's PCA shows semantics appearing) to the last,
+  scaled to the model's depth (``27 * L // 42``); video tokens only;
+* IRA (VAE): each encoder down block and the posterior moments (``conv_out``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anti_i2v_jax.backbones.base import LayerDefaults, Noisy, resize_center_crop, to_signed
+from anti_i2v_jax.backbones.cogvideox import scheduler
+from anti_i2v_jax.backbones.cogvideox.config import CogVideoXConfig
+from anti_i2v_jax.backbones.cogvideox.transformer import (
+    CogVideoXTransformer3DModel,
+    block_taps,
+    rotary_embedding,
+    sincos_pos_embedding,
+)
+from anti_i2v_jax.backbones.cogvideox.vae import AutoencoderKLCogVideoX, sample_posterior
+
+
+def default_layers(config: CogVideoXConfig) -> LayerDefaults:
+    """The documented IRC/IRA layer choices for a stack of ``num_layers`` blocks."""
+    n = config.transformer.num_layers
+    early = min(3, n // 4)
+    deep = tuple(range(max(early + 1, n - 3), n))
+    vae = tuple(f"down_blocks.{i}" for i in range(len(config.vae.block_out_channels))) + ("conv_out",)
+    return LayerDefaults(
+        num_layers=n, irc_early=early, irc_deep=deep, ira_layers=tuple(range(27 * n // 42, n)), vae_layers=vae
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CogVideoXBackbone:
+    """CogVideoX-I2V for the attack. ``text_encoder`` maps a prompt to (L, text_dim) embeddings on the host."""
+
+    name: str
+    config: CogVideoXConfig
+    params: Any  # {"vae": ..., "transformer": ...}
+    text_encoder: Any = None  # callable(prompt) -> np.ndarray (L, text_dim); None: zero text (tests only)
+    reference_latents: np.ndarray | None = None  # (F, h, w, C) clean video latents; None: the image repeated
+    min_input_side: int = 0
+    layers: LayerDefaults = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.layers is None:
+            object.__setattr__(self, "layers", default_layers(self.config))
+        if not self.min_input_side:
+            object.__setattr__(self, "min_input_side", max(16, min(self.config.height, self.config.width) // 4))
+
+    # ------------------------------------------------------------------------------ geometry
+
+    @property
+    def model_size(self) -> tuple[int, int]:
+        return (self.config.height, self.config.width)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(F, h, w, C) of the video latents."""
+        s = self.config.vae.spatial_factor
+        return (self.config.latent_frames, self.config.height // s, self.config.width // s, self.config.vae.latent_channels)
+
+    def _rope(self):
+        if not self.config.transformer.use_rotary_positional_embeddings:
+            return None
+        f, h, w, _ = self.latent_shape
+        p = self.config.transformer.patch_size
+        return tuple(jnp.asarray(r) for r in rotary_embedding(self.config.transformer, f, h // p, w // p))
+
+    @property
+    def _vae(self) -> AutoencoderKLCogVideoX:
+        return AutoencoderKLCogVideoX(self.config.vae)
+
+    # ------------------------------------------------------------------------------ protocol
+
+    def preprocess(self, x: jax.Array) -> jax.Array:
+        """(H, W, 3) in [0, 1] at any size -> (model H, model W, 3) in [-1, 1] (resize to cover, centre crop)."""
+        return to_signed(resize_center_crop(x, self.model_size))
+
+    def encode_text(self, params, prompt: str) -> jax.Array:
+        """(L, text_dim) prompt embeddings (T5 last hidden state, no attention mask, as the pipeline)."""
+        cfg = self.config.transformer
+        if self.text_encoder is None:
+            return jnp.zeros((cfg.max_text_seq_length, cfg.text_embed_dim), jnp.float32)
+        return jnp.asarray(self.text_encoder(prompt), jnp.float32)
+
+    def encode_image(self, params, x, key=None, *, vae_layers: Sequence[str] = ()):
+        """Image latent z (1, h, w, C), unscaled, and the requested VAE taps (of one 1-frame encode)."""
+        model = AutoencoderKLCogVideoX(self.config.vae, taps=tuple(t for t in vae_layers if t != "latent"))
+        (mean, logvar), state = model.apply(
+            {"params": params["vae"]}, self.preprocess(x)[None, None], method=model.encode, mutable=["intermediates"]
+        )
+        z = sample_posterior(mean, logvar, key)[0]
+        inter = state.get("intermediates", {}).get("encoder", {})
+        taps = {name: inter[f"tap:{name}"][0] for name in vae_layers if name != "latent"}
+        return z, taps
+
+    def condition(self, params, x, key, *, vae_layers: Sequence[str] = ()):
+        """{"image_latents": (F, h, w, C) padded image condition, "video_latents": (F, h, w, C) clean video}."""
+        vae = self.config.vae
+        z, taps = self.encode_image(params, x, key, vae_layers=vae_layers)
+        image = z / vae.scaling_factor if vae.invert_scale_latents else z * vae.scaling_factor
+        f = self.latent_shape[0]
+        cond = {"image_latents": jnp.concatenate([image, jnp.zeros((f - 1, *image.shape[1:]), image.dtype)], 0)}
+        if self.reference_latents is not None:
+            cond["video_latents"] = jnp.asarray(self.reference_latents)
+        else:
+            cond["video_latents"] = jnp.repeat(z * vae.scaling_factor, f, axis=0)
+        if "latent" in vae_layers:
+            taps["latent"] = image
+        return cond, taps
+
+    def add_noise(self, params, cond, key) -> Noisy:
+        k_t, k_eps = jax.random.split(key)
+        ac = scheduler.alphas_cumprod(self.config.scheduler)
+        x0 = cond["video_latents"]
+        t = jax.random.randint(k_t, (), 0, self.config.scheduler.num_train_timesteps)
+        eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+        return Noisy(
+            x0=x0, z_t=scheduler.add_noise(ac, x0, eps, t), t=t, target=scheduler.get_velocity(ac, x0, eps, t)
+        )
+
+    def denoise(self, params, noisy, cond, text, *, taps: Sequence[int] = ()):
+        pred, block = self.transformer_apply(
+            params, noisy.z_t[None], cond["image_latents"][None], text[None], noisy.t[None], taps=taps
+        )
+        return pred[0], {i: v[0] for i, v in block.items()}
+
+    def diffusion_loss(self, prediction, noisy) -> jax.Array:
+        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - noisy.target.astype(jnp.float32)))
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def transformer_apply(self, params, z_t, image_latents, text, t, *, taps: Sequence[int] = ()):
+        """Batched transformer call: (B, F, h, w, C) x2 -> v-prediction and {block: video tokens (B, N, D)}."""
+        cfg = self.config.transformer
+        model = CogVideoXTransformer3DModel(cfg, taps=tuple(taps))
+        ofs = jnp.full((z_t.shape[0],), 2.0) if cfg.ofs_embed_dim is not None else None
+        out, state = model.apply(
+            {"params": params["transformer"]},
+            jnp.concatenate([z_t, image_latents], axis=-1),
+            text,
+            t,
+            self._rope(),
+            ofs,
+            mutable=["intermediates"],
+        )
+        video, _ = block_taps(state, taps)
+        return out, video
+
+    def with_reference_video(self, params, video: np.ndarray) -> CogVideoXBackbone:
+        """A copy whose clean video latents come from ``video`` ((T, H, W, 3) in [0, 1], T = num_frames)."""
+        vae = self.config.vae
+        frames = np.stack([np.asarray(self.preprocess(jnp.asarray(f))) for f in video])
+        model = AutoencoderKLCogVideoX(vae)
+        mean, _ = jax.jit(lambda p, v: model.apply({"params": p}, v, method=model.encode))(params["vae"], frames[None])
+        latents = np.asarray(mean[0]) * vae.scaling_factor
+        if latents.shape != self.latent_shape:
+            raise ValueError(f"reference video gives latents {latents.shape}, the model needs {self.latent_shape}")
+        return dataclasses.replace(self, reference_latents=latents)
+
+
+def abstract_params(config: CogVideoXConfig) -> dict:
+    """The parameter tree of ``config`` as ShapeDtypeStructs (no allocation, no compile)."""
+    cfg_t = config.transformer
+    s = config.vae.spatial_factor
+    f, h, w = config.latent_frames, config.height // s, config.width // s
+    vae = AutoencoderKLCogVideoX(config.vae)
+    tr = CogVideoXTransformer3DModel(cfg_t)
+    key = jax.random.PRNGKey(0)
+    vae_params = jax.eval_shape(vae.init, key, jnp.zeros((1, 1, config.height, config.width, 3)))["params"]
+    tr_params = jax.eval_shape(
+        tr.init,
+        key,
+        jnp.zeros((1, f, h, w, cfg_t.in_channels)),
+        jnp.zeros((1, cfg_t.max_text_seq_length, cfg_t.text_embed_dim)),
+        jnp.zeros((1,), jnp.int32),
+        None,
+        jnp.zeros((1,)) if cfg_t.ofs_embed_dim is not None else None,
+    )["params"]
+    return {"vae": vae_params, "transformer": tr_params}
+
+
+def init_params(config: CogVideoXConfig, seed: int = 0) -> dict:
+    """Seeded random parameters for ``config`` (the tiny demo backbone, and tests), without a forward pass.
+
+    Kernels ~ N(0, 1/fan_in), biases 0, norm scales 1, the learned position table as upstream inits it.
+    """
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(spec.shape[:-1]))
+            return (rng.standard_normal(spec.shape) / np.sqrt(fan_in)).astype(np.float32)
+        if name == "scale":
+            return np.ones(spec.shape, np.float32)
+        if name == "pos_embedding":
+            p = config.transformer.patch_size
+            grid = (config.transformer.sample_height // p, config.transformer.sample_width // p)
+            frames = (config.transformer.sample_frames - 1) // config.transformer.temporal_compression_ratio + 1
+            return sincos_pos_embedding(config.transformer, frames, *grid).astype(np.float32)
+        return np.zeros(spec.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_params(config))
