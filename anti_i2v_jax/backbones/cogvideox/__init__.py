@@ -1,0 +1,84 @@
+"""CogVideoX-5B-I2V and CogVideoX1.5-5B-I2V: Flax ports, the I2V adapter, and registry entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from anti_i2v_jax.backbones.cogvideox import config as configs
+from anti_i2v_jax.backbones.cogvideox.backbone import CogVideoXBackbone, abstract_params, init_params
+from anti_i2v_jax.backbones.registry import BackboneSpec, register
+from anti_i2v_jax.errors import UserError
+
+TINY_T5 = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=80, num_layers=2, num_heads=4)
+
+
+def tiny_backbone(seed: int = 0) -> CogVideoXBackbone:
+    """``cogvideox-tiny``: the tiny config with seeded random weights and a tiny random T5 over UTF-8 bytes.
+
+    A pipeline demo: it exercises every part of the attack in seconds and gives no real protection.
+    """
+    from anti_i2v_jax.backbones.text.t5 import ByteTokenizer, T5Config, T5EncoderModel, T5TextEncoder
+    from anti_i2v_jax.nn.init import seeded_params
+
+    config = configs.tiny()
+    t5 = T5Config(**TINY_T5)
+    t5_params = seeded_params(
+        jax.eval_shape(T5EncoderModel(t5).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"], seed + 1
+    )
+    text = T5TextEncoder(t5, t5_params, ByteTokenizer(t5.vocab_size), config.transformer.max_text_seq_length)
+    return CogVideoXBackbone(name="cogvideox-tiny", config=config, params=init_params(config, seed), text_encoder=text)
+
+
+def load_converted(path: str | Path, name: str | None = None, expect_variant: str | None = None) -> CogVideoXBackbone:
+    """A backbone from a folder written by ``python -m weights_convert cogvideox``."""
+    import orbax.checkpoint as ocp
+
+    from anti_i2v_jax.backbones.text.t5 import T5Config, T5EncoderModel, T5TextEncoder, load_tokenizer
+
+    path = Path(path).expanduser().absolute()
+    config, t5_raw, variant = configs.config_from_json(configs.read_json(path / "config.json"), str(path / "config.json"))
+    if expect_variant is not None and variant != expect_variant:
+        raise UserError(f"{path} holds {variant} weights, not {expect_variant}; use --backbone {variant}")
+    abstract = abstract_params(config)
+    t5 = None
+    if t5_raw is not None:
+        t5 = T5Config(**t5_raw)
+        abstract["text_encoder"] = jax.eval_shape(
+            T5EncoderModel(t5).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
+        )["params"]
+    dtype = jnp.bfloat16 if configs.read_json(path / "config.json").get("dtype") == "bfloat16" else jnp.float32
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), abstract)
+    params = ocp.StandardCheckpointer().restore(path / "params", target)
+    text = None
+    if t5 is not None:
+        if not (path / "tokenizer").is_dir():
+            raise UserError(f"{path}: has a text encoder but no tokenizer/ folder")
+        text = T5TextEncoder(t5, params["text_encoder"], load_tokenizer(path / "tokenizer"), config.transformer.max_text_seq_length)
+    return CogVideoXBackbone(
+        name=name or variant, config=config, params={k: params[k] for k in ("vae", "transformer")}, text_encoder=text
+    )
+
+
+register(BackboneSpec(
+    name="cogvideox-tiny",
+    summary="tiny CogVideoX-I2V with seeded random weights: a pipeline demo, no real protection",
+    needs_weights=False,
+    load=lambda weights: tiny_backbone(),
+))
+register(BackboneSpec(
+    name="cogvideox-5b-i2v",
+    summary="THUDM/CogVideoX-5b-I2V (49 x 480 x 720)",
+    needs_weights=True,
+    load=lambda weights: load_converted(weights, "cogvideox-5b-i2v", "cogvideox-5b-i2v"),
+))
+register(BackboneSpec(
+    name="cogvideox1.5-5b-i2v",
+    summary="THUDM/CogVideoX1.5-5B-I2V (81 frames)",
+    needs_weights=True,
+    load=lambda weights: load_converted(weights, "cogvideox1.5-5b-i2v", "cogvideox1.5-5b-i2v"),
+))
+
+__all__ = ["CogVideoXBackbone", "abstract_params", "init_params", "load_converted", "tiny_backbone"]

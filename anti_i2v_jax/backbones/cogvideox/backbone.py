@@ -34,6 +34,7 @@ from anti_i2v_jax.backbones.cogvideox.transformer import (
     sincos_pos_embedding,
 )
 from anti_i2v_jax.backbones.cogvideox.vae import AutoencoderKLCogVideoX, sample_posterior
+from anti_i2v_jax.nn.init import seeded_params
 
 
 def default_layers(config: CogVideoXConfig) -> LayerDefaults:
@@ -201,22 +202,11 @@ def abstract_params(config: CogVideoXConfig) -> dict:
 def init_params(config: CogVideoXConfig, seed: int = 0) -> dict:
     """Seeded random parameters for ``config`` (the tiny demo backbone, and tests), without a forward pass.
 
-    Kernels ~ N(0, 1/fan_in), biases 0, norm scales 1, the learned position table as upstream inits it.
+    The learned position table starts as upstream inits it (sincos video rows, zero text rows).
     """
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, spec):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(spec.shape[:-1]))
-            return (rng.standard_normal(spec.shape) / np.sqrt(fan_in)).astype(np.float32)
-        if name == "scale":
-            return np.ones(spec.shape, np.float32)
-        if name == "pos_embedding":
-            p = config.transformer.patch_size
-            grid = (config.transformer.sample_height // p, config.transformer.sample_width // p)
-            frames = (config.transformer.sample_frames - 1) // config.transformer.temporal_compression_ratio + 1
-            return sincos_pos_embedding(config.transformer, frames, *grid).astype(np.float32)
-        return np.zeros(spec.shape, np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, abstract_params(config))
+    tr = config.transformer
+    p = tr.patch_size
+    grid = (tr.sample_height // p, tr.sample_width // p)
+    frames = (tr.sample_frames - 1) // tr.temporal_compression_ratio + 1
+    table = lambda shape: sincos_pos_embedding(tr, frames, *grid).reshape(shape)  # noqa: E731
+    return seeded_params(abstract_params(config), seed, {"pos_embedding": table})

@@ -238,3 +238,35 @@ def tiny(**overrides: Any) -> CogVideoXConfig:
         sample_width=64,
     )
     return CogVideoXConfig(transformer=transformer, vae=vae, num_frames=9, height=64, width=64)
+
+
+def config_to_json(config: CogVideoXConfig, t5: Any, variant: str, dtype: str) -> dict[str, Any]:
+    """The ``config.json`` written next to converted weights (``t5``: a T5Config or None)."""
+    return {
+        "backbone": "cogvideox",
+        "variant": variant,
+        "dtype": dtype,
+        "transformer": dataclasses.asdict(config.transformer),
+        "vae": dataclasses.asdict(config.vae),
+        "scheduler": dataclasses.asdict(config.scheduler),
+        "num_frames": config.num_frames,
+        "height": config.height,
+        "width": config.width,
+        "text_encoder": dataclasses.asdict(t5) if t5 is not None else None,
+    }
+
+
+def config_from_json(raw: dict[str, Any], where: str = "config.json"):
+    """Inverse of :func:`config_to_json`: (CogVideoXConfig, T5 config dict or None, variant)."""
+    if raw.get("backbone") != "cogvideox":
+        raise UserError(f"{where}: converted weights of {raw.get('backbone')!r}, not cogvideox")
+    tup = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
+    config = CogVideoXConfig(
+        transformer=TransformerConfig(**tup(raw["transformer"])),
+        vae=VAEConfig(**tup(raw["vae"])),
+        scheduler=SchedulerConfig(**raw["scheduler"]),
+        num_frames=raw["num_frames"],
+        height=raw["height"],
+        width=raw["width"],
+    )
+    return config, raw.get("text_encoder"), raw.get("variant")

@@ -1,0 +1,35 @@
+"""``python -m weights_convert BACKBONE ...``: convert upstream checkpoints to orbax + config.json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from anti_i2v_jax.errors import UserError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m weights_convert", description=__doc__)
+    sub = parser.add_subparsers(dest="backbone", required=True)
+    p = sub.add_parser("cogvideox", help="a diffusers CogVideoX(1.5)-5B-I2V folder")
+    p.add_argument("--src", type=Path, required=True, help="the downloaded diffusers folder (model_index.json ...)")
+    p.add_argument("--dst", type=Path, help="output folder (new or empty); not needed with --dry-run")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--dry-run", action="store_true", help="read headers only, check the mapping and shapes")
+    args = parser.parse_args(argv)
+    try:
+        if not args.dry_run and args.dst is None:
+            raise UserError("--dst is required unless --dry-run")
+        if args.backbone == "cogvideox":
+            from weights_convert import cogvideox
+
+            return cogvideox.run(args.src, args.dst, args.dtype, args.dry_run)
+    except UserError as e:
+        print(f"weights_convert: error: {e}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""CogVideoX-I2V: diffusers folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) -> orbax.
+
+Rule tables: every upstream key is renamed generically (``transformer_blocks.3.attn1.to_q.weight`` ->
+``transformer_blocks_3/attn1/to_q/kernel``, Linear transposed, Conv2d/Conv3d moved to channels-last);
+the exceptions are listed explicitly (position table, embedding tables, T5's tied embedding copy).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anti_i2v_jax.backbones.cogvideox.config import (
+    CogVideoXConfig,
+    SchedulerConfig,
+    TransformerConfig,
+    VAEConfig,
+    config_to_json,
+    read_json,
+)
+from anti_i2v_jax.backbones.text.t5 import T5Config, T5EncoderModel
+from anti_i2v_jax.errors import UserError
+from weights_convert.core import TORCH, Report, Rule, SafetensorsSource, convert
+
+TRANSFORMER_RULES = [
+    Rule(r"patch_embed\.pos_embedding", "patch_embed/pos_embedding"),
+    Rule(r".*", TORCH),
+]
+VAE_RULES = [Rule(r".*", TORCH)]
+T5_RULES = [
+    Rule(r"shared\.weight", "shared/embedding"),
+    Rule(
+        r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
+        "encoder/block_0/layer_0/SelfAttention/relative_attention_bias/embedding",
+    ),
+    Rule(r".*", TORCH),
+]
+# transformers keeps a tied copy of the embedding under the encoder; the weights are the same tensor.
+T5_IGNORED = [r"encoder\.embed_tokens\.weight"]
+
+MODEL_INDEX_IGNORED = frozenset({"_class_name", "_diffusers_version", "scheduler", "text_encoder", "tokenizer", "transformer", "vae"})
+
+
+def read_configs(src: Path) -> tuple[CogVideoXConfig, T5Config | None]:
+    """The stack's configs from a diffusers folder; unknown keys are errors."""
+    src = Path(src)
+    if not (src / "model_index.json").is_file():
+        raise UserError(f"{src}: not a diffusers pipeline folder (no model_index.json)")
+    index = read_json(src / "model_index.json")
+    if index.get("_class_name") not in ("CogVideoXImageToVideoPipeline", None):
+        raise UserError(f"{src}: model_index.json is a {index.get('_class_name')}, expected CogVideoXImageToVideoPipeline")
+    transformer = TransformerConfig.from_diffusers(read_json(src / "transformer" / "config.json"), f"{src}/transformer/config.json")
+    vae = VAEConfig.from_diffusers(read_json(src / "vae" / "config.json"), f"{src}/vae/config.json")
+    sched_path = src / "scheduler" / "scheduler_config.json"
+    scheduler = SchedulerConfig.from_diffusers(read_json(sched_path), str(sched_path)) if sched_path.is_file() else SchedulerConfig()
+    s = vae.spatial_factor
+    config = CogVideoXConfig(
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        num_frames=transformer.sample_frames,
+        height=transformer.sample_height * s,
+        width=transformer.sample_width * s,
+    )
+    t5 = None
+    if (src / "text_encoder" / "config.json").is_file():
+        t5 = T5Config.from_transformers(read_json(src / "text_encoder" / "config.json"), f"{src}/text_encoder/config.json")
+    return config, t5
+
+
+def t5_abstract(config: T5Config) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    model = T5EncoderModel(config)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def load_diffusers(src: str | Path, *, dtype: Any = None, dry_run: bool = False, with_text: bool = True):
+    """Read and check a diffusers CogVideoX-I2V folder: (config, t5 config, params or None, reports)."""
+    from anti_i2v_jax.backbones.cogvideox.backbone import abstract_params
+
+    src = Path(src)
+    config, t5 = read_configs(src)
+    abstract = abstract_params(config)
+    params, reports = {}, {}
+    params["transformer"], reports["transformer"] = convert(
+        SafetensorsSource(src / "transformer"), TRANSFORMER_RULES, abstract["transformer"],
+        dtype=dtype, dry_run=dry_run, what=f"{src}/transformer",
+    )
+    params["vae"], reports["vae"] = convert(
+        SafetensorsSource(src / "vae"), VAE_RULES, abstract["vae"], dtype=dtype, dry_run=dry_run, what=f"{src}/vae"
+    )
+    if t5 is not None and with_text:
+        params["text_encoder"], reports["text_encoder"] = convert(
+            SafetensorsSource(src / "text_encoder"), T5_RULES, t5_abstract(t5), ignore=T5_IGNORED,
+            dtype=dtype, dry_run=dry_run, what=f"{src}/text_encoder",
+        )
+    return config, t5, (None if dry_run else params), reports
+
+
+def variant_of(config: CogVideoXConfig) -> str:
+    return "cogvideox1.5-5b-i2v" if config.transformer.is_v15 else "cogvideox-5b-i2v"
+
+
+def run(src: Path, dst: Path, dtype: str, dry_run: bool) -> int:
+    """``python -m weights_convert cogvideox``: convert (or dry-run) and print a one-line summary."""
+    import ml_dtypes
+
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    config, t5, params, reports = load_diffusers(src, dtype=np_dtype, dry_run=dry_run)
+    total = Report(
+        mapped=sum(r.mapped for r in reports.values()),
+        ignored=sum(r.ignored for r in reports.values()),
+        missing=[], unexpected=[], mismatched=[],
+    )
+    if dry_run:
+        print(total.summary())
+        return 0
+    save_converted(dst, params, config_to_json(config, t5, variant_of(config), dtype), tokenizer=src / "tokenizer")
+    print(f"{total.summary()}; wrote {dst}")
+    return 0
+
+
+def save_converted(dst: Path, params: dict, config_json: dict, tokenizer: Path | None = None) -> None:
+    """Write ``dst/params`` (orbax) and ``dst/config.json``; refuses to write into a non-empty folder."""
+    import orbax.checkpoint as ocp
+
+    dst = Path(dst).absolute()
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"{dst}: exists and is not empty; choose a new --dst folder")
+    dst.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(dst / "params", params)
+    checkpointer.wait_until_finished()
+    if tokenizer is not None and tokenizer.is_dir():
+        shutil.copytree(tokenizer, dst / "tokenizer")
+    (dst / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
