@@ -1,0 +1,128 @@
+"""CogVideoX and T5 against the golden diffusers / transformers cases, output by output, in float32."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fixtures import assert_close, load_case, output_params
+from weights_convert import cogvideox as convert_cogvideox
+
+# (B, C, T, H, W) <-> (B, T, H, W, C), and the transformer's (B, F, C, H, W) <-> (B, F, H, W, C)
+vae_in = lambda a: np.asarray(a).transpose(0, 2, 3, 4, 1)  # noqa: E731
+vae_out = lambda a: np.asarray(a).transpose(0, 4, 1, 2, 3)  # noqa: E731
+tr_in = lambda a: np.asarray(a).transpose(0, 1, 3, 4, 2)  # noqa: E731
+tr_out = lambda a: np.asarray(a).transpose(0, 1, 4, 2, 3)  # noqa: E731
+
+
+@functools.cache
+def cogvideox_outputs(case) -> dict[str, np.ndarray]:
+    """Everything the case lists, computed by the port (once per case)."""
+    from anti_i2v_jax.backbones.cogvideox import scheduler
+    from anti_i2v_jax.backbones.cogvideox.backbone import CogVideoXBackbone
+    from anti_i2v_jax.backbones.cogvideox.sampler import denoise_latents
+    from anti_i2v_jax.backbones.cogvideox.transformer import rotary_embedding
+    from anti_i2v_jax.backbones.cogvideox.vae import AutoencoderKLCogVideoX
+
+    meta, inp, _ = load_case(case)
+    config, _, params, _ = convert_cogvideox.load_diffusers(case, with_text=False)
+    bb = CogVideoXBackbone(name=case.name, config=config, params=params)
+    out: dict[str, np.ndarray] = {}
+
+    vae_taps = ("conv_in", *(f"down_blocks.{i}" for i in range(len(config.vae.block_out_channels))), "mid_block", "conv_out")
+    vae = AutoencoderKLCogVideoX(config.vae, taps=vae_taps)
+    (mean, logvar), state = vae.apply(
+        {"params": params["vae"]}, vae_in(inp["image"][:, :, None]), method=vae.encode, mutable=["intermediates"]
+    )
+    out["vae.image.posterior_mean"], out["vae.image.posterior_logvar"] = vae_out(mean), vae_out(logvar)
+    for name in vae_taps:
+        out[f"vae.enc.{name}"] = vae_out(state["intermediates"]["encoder"][f"tap:{name}"][0])
+    video_mean, _ = vae.apply({"params": params["vae"]}, vae_in(inp["video_for_encode"]), method=vae.encode)
+    out["vae.video.posterior_mean"] = vae_out(video_mean)
+    out["vae.decode"] = vae_out(vae.apply({"params": params["vae"]}, vae_in(inp["latent_for_decode"]), method=vae.decode))
+
+    # The adapter's I2V condition from the [0, 1] image (its resize is the identity at the model size).
+    cond, _ = bb.condition(params, jnp.asarray((inp["image"][0].transpose(1, 2, 0) + 1.0) / 2.0), None)
+    image_latents = cond["image_latents"]
+    out["image_latents"] = tr_out(image_latents[None])
+
+    f, h, w, _ = bb.latent_shape
+    p = config.transformer.patch_size
+    out["rotary.cos"], out["rotary.sin"] = rotary_embedding(config.transformer, f, h // p, w // p)
+
+    ac = scheduler.alphas_cumprod(config.scheduler)
+    x0, noise, t = tr_in(inp["video_latents"]), tr_in(inp["noise"]), jnp.asarray(inp["t"][0])
+    x_t = scheduler.add_noise(ac, x0, noise, t)
+    out["x_t"], out["v_target"] = tr_out(x_t), tr_out(scheduler.get_velocity(ac, x0, noise, t))
+
+    layers = tuple(range(config.transformer.num_layers))
+    from anti_i2v_jax.backbones.cogvideox.transformer import CogVideoXTransformer3DModel, block_taps
+
+    model = CogVideoXTransformer3DModel(config.transformer, taps=layers)
+    sample, state = model.apply(
+        {"params": params["transformer"]},
+        jnp.concatenate([x_t, image_latents[None]], axis=-1),
+        inp["prompt_embeds"],
+        inp["t"],
+        mutable=["intermediates"],
+    )
+    out["transformer.sample"] = tr_out(sample)
+    video_taps, text_taps = block_taps(state, layers)
+    for i in layers:
+        out[f"transformer.block_hidden_states.{i}"] = np.asarray(video_taps[i])
+        out[f"transformer.block_encoder_hidden_states.{i}"] = np.asarray(text_taps[i])
+    out["loss"] = np.asarray(jnp.mean((sample - scheduler.get_velocity(ac, x0, noise, t)) ** 2))
+
+    steps = re.search(r"after_(\d+)_steps", " ".join(meta["outputs"]))
+    if steps:
+        sampler = meta["details"]["sampler"]
+        latents = denoise_latents(
+            bb, params, image_latents, jnp.asarray(inp["prompt_embeds"][0]), jnp.asarray(inp["negative_prompt_embeds"][0]),
+            jnp.asarray(tr_in(inp["noise"])[0]), num_inference_steps=sampler["num_inference_steps"],
+            guidance_scale=sampler["guidance_scale"], use_dynamic_cfg=sampler["use_dynamic_cfg"],
+            stop_after=int(steps.group(1)),
+        )
+        out[f"sampler.latents_after_{steps.group(1)}_steps"] = tr_out(latents[None])
+    return out
+
+
+@pytest.mark.parametrize("case, output", output_params("cogvideox"))
+def test_cogvideox_matches_diffusers(case, output):
+    meta, _, expected = load_case(case)
+    got = cogvideox_outputs(case)
+    assert output in got, f"the port does not compute {output!r} listed in {case}/case.json"
+    assert_close(got[output], expected[output], meta["tolerance"], f"{case.name}: {output}")
+
+
+@functools.cache
+def t5_outputs(case) -> dict[str, np.ndarray]:
+    from anti_i2v_jax.backbones.cogvideox.config import read_json
+    from anti_i2v_jax.backbones.text.t5 import T5Config, T5EncoderModel, t5_taps
+    from weights_convert.core import SafetensorsSource, convert
+
+    _, inp, _ = load_case(case)
+    config = T5Config.from_transformers(read_json(case / "config.json"))
+    params, _ = convert(
+        SafetensorsSource(case / "model.safetensors"), convert_cogvideox.T5_RULES,
+        convert_cogvideox.t5_abstract(config), ignore=convert_cogvideox.T5_IGNORED,
+    )
+    taps = ("embeddings", *range(config.num_layers))
+    model = T5EncoderModel(config, taps=taps)
+    last, state = model.apply({"params": params}, inp["input_ids"], inp["attention_mask"], mutable=["intermediates"])
+    got = t5_taps(state)
+    out = {"last_hidden_state": last, "embeddings": got["embeddings"]}
+    out.update({f"hidden_states.{i}": got[i] for i in range(config.num_layers)})
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("case, output", output_params("t5"))
+def test_t5_matches_transformers(case, output):
+    meta, _, expected = load_case(case)
+    got = t5_outputs(case)
+    assert output in got, f"the port does not compute {output!r} listed in {case}/case.json"
+    assert_close(got[output], expected[output], meta["tolerance"], f"{case.name}: {output}")
