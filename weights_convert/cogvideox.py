@@ -58,14 +58,14 @@ def read_configs(src: Path) -> tuple[CogVideoXConfig, T5Config | None]:
     sched_path = src / "scheduler" / "scheduler_config.json"
     scheduler = SchedulerConfig.from_diffusers(read_json(sched_path), str(sched_path)) if sched_path.is_file() else SchedulerConfig()
     s = vae.spatial_factor
-    config = CogVideoXConfig(
-        transformer=transformer,
-        vae=vae,
-        scheduler=scheduler,
-        num_frames=transformer.sample_frames,
-        height=transformer.sample_height * s,
-        width=transformer.sample_width * s,
-    )
+    if transformer.is_v15:
+        # 1.5's sample size (300 x 300 latents) is the RoPE limit, not a resolution; the model card's is 768 x 1360.
+        geometry = dict(num_frames=81, height=768, width=1360)
+    else:
+        geometry = dict(
+            num_frames=transformer.sample_frames, height=transformer.sample_height * s, width=transformer.sample_width * s
+        )
+    config = CogVideoXConfig(transformer=transformer, vae=vae, scheduler=scheduler, **geometry)
     t5 = None
     if (src / "text_encoder" / "config.json").is_file():
         t5 = T5Config.from_transformers(read_json(src / "text_encoder" / "config.json"), f"{src}/text_encoder/config.json")
@@ -112,6 +112,8 @@ def run(src: Path, dst: Path, dtype: str, dry_run: bool) -> int:
     import ml_dtypes
 
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    if not dry_run:
+        check_destination(dst)
     config, t5, params, reports = load_diffusers(src, dtype=np_dtype, dry_run=dry_run)
     total = Report(
         mapped=sum(r.mapped for r in reports.values()),
@@ -126,17 +128,33 @@ def run(src: Path, dst: Path, dtype: str, dry_run: bool) -> int:
     return 0
 
 
+def check_destination(dst: Path) -> None:
+    """Converted weights go to a new or empty folder: nothing there is ever overwritten."""
+    if Path(dst).exists() and any(Path(dst).iterdir()):
+        raise UserError(f"{dst}: exists and is not empty; choose a new --dst folder")
+
+
 def save_converted(dst: Path, params: dict, config_json: dict, tokenizer: Path | None = None) -> None:
-    """Write ``dst/params`` (orbax) and ``dst/config.json``; refuses to write into a non-empty folder."""
+    """Write ``dst/params`` (orbax), ``dst/config.json`` and ``dst/tokenizer``: into a temporary sibling
+    folder first, renamed into place at the end, so an interrupted conversion leaves no half checkpoint."""
+    import tempfile
+
     import orbax.checkpoint as ocp
 
     dst = Path(dst).absolute()
-    if dst.exists() and any(dst.iterdir()):
-        raise UserError(f"{dst}: exists and is not empty; choose a new --dst folder")
-    dst.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(dst / "params", params)
-    checkpointer.wait_until_finished()
-    if tokenizer is not None and tokenizer.is_dir():
-        shutil.copytree(tokenizer, dst / "tokenizer")
-    (dst / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    check_destination(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", params)
+        checkpointer.wait_until_finished()
+        if tokenizer is not None and tokenizer.is_dir():
+            shutil.copytree(tokenizer, tmp / "tokenizer")
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
