@@ -46,16 +46,28 @@ def _safe_where(cond, fn_true, fn_false, x, safe_true, safe_false):
     )
 
 
+# Powers and the 3x3 colour matrices are written as exp/log and per-channel sums: XLA on CPU runs
+# them several times faster than pow, cbrt and a dot with a 3-wide contraction (same values to ~1e-7).
+def _pow(v, p):
+    return jnp.exp(p * jnp.log(v))
+
+
+def _mix(x, m):
+    """``x @ m.T`` for a constant 3x3 ``m`` over the last axis, as elementwise sums."""
+    c = jnp.moveaxis(x, -1, 0)
+    return jnp.stack([m[i, 0] * c[0] + m[i, 1] * c[1] + m[i, 2] * c[2] for i in range(3)], axis=-1)
+
+
 def _srgb_to_linear(c):
     return _safe_where(
-        c > _SRGB_THRESHOLD, lambda v: ((v + 0.055) / 1.055) ** 2.4, lambda v: v / 12.92, c, 1.0, 0.0
+        c > _SRGB_THRESHOLD, lambda v: _pow((v + 0.055) / 1.055, 2.4), lambda v: v / 12.92, c, 1.0, 0.0
     )
 
 
 def _linear_to_srgb(c):
     return _safe_where(
         c > _SRGB_LINEAR_THRESHOLD,
-        lambda v: 1.055 * v ** (1.0 / 2.4) - 0.055,
+        lambda v: 1.055 * _pow(v, 1.0 / 2.4) - 0.055,
         lambda v: 12.92 * v,
         c,
         1.0,
@@ -66,7 +78,7 @@ def _linear_to_srgb(c):
 def _lab_f(t):
     return _safe_where(
         t > _LAB_EPSILON,
-        jnp.cbrt,
+        lambda v: _pow(v, 1.0 / 3.0),
         lambda v: _LAB_KAPPA * v + 16.0 / 116.0,
         t,
         1.0,
@@ -83,8 +95,9 @@ def _lab_f_inv(f):
 def rgb_to_lab(rgb: jax.Array) -> jax.Array:
     """sRGB in [0, 1] (D65) -> CIE L*a*b* with L* in [0, 100]; matches ``skimage.color.rgb2lab``."""
     rgb = jnp.asarray(rgb)
-    xyz = _srgb_to_linear(rgb) @ jnp.asarray(_XYZ_FROM_RGB.T, rgb.dtype)
-    fx, fy, fz = jnp.moveaxis(_lab_f(xyz / jnp.asarray(_D65_WHITE, rgb.dtype)), -1, 0)
+    # The white point is folded into the matrix rows.
+    xyz_white = _mix(_srgb_to_linear(rgb), _XYZ_FROM_RGB / _D65_WHITE[:, None])
+    fx, fy, fz = jnp.moveaxis(_lab_f(xyz_white), -1, 0)
     return jnp.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=-1)
 
 
@@ -94,8 +107,7 @@ def lab_to_rgb(lab: jax.Array) -> jax.Array:
     big_l, a, b = jnp.moveaxis(lab, -1, 0)
     fy = (big_l + 16.0) / 116.0
     f = jnp.stack([fy + a / 500.0, fy, fy - b / 200.0], axis=-1)
-    xyz = _lab_f_inv(f) * jnp.asarray(_D65_WHITE, lab.dtype)
-    return _linear_to_srgb(xyz @ jnp.asarray(_RGB_FROM_XYZ.T, lab.dtype))
+    return _linear_to_srgb(_mix(_lab_f_inv(f), _RGB_FROM_XYZ * _D65_WHITE[None, :]))
 
 
 # --------------------------------------------------------------------------------------------- DCT
@@ -214,33 +226,45 @@ def dct_band_inverse(band: jax.Array, size: tuple[int, int], fraction: float, bl
 
 
 def _chart(space: Space, x_adv: jax.Array, dct_fraction: float, dct_block: int | None):
-    """Free variables of ``space`` at ``x_adv`` and the map from them back to RGB."""
+    """Free variables of ``space`` at ``x_adv``, the map from them back to RGB, and its pull-back."""
     if space == "rgb":
-        return x_adv, lambda v: v
+        return x_adv, lambda v: v, lambda g: g
     if space == "lab":
         lab = rgb_to_lab(x_adv)
-        return lab[..., 1:], lambda ab: lab_to_rgb(jnp.concatenate([lab[..., :1], ab], axis=-1))
+        to_rgb = lambda ab: lab_to_rgb(jnp.concatenate([lab[..., :1], ab], axis=-1))  # noqa: E731
+        return lab[..., 1:], to_rgb, lambda g: _pixelwise_pullback(to_rgb, lab[..., 1:], g)
     if space == "dct":
         size = x_adv.shape[-3:-1]
         zero = jnp.zeros_like(dct_band(x_adv, dct_fraction, dct_block))  # offsets of the band coefficients
-        return zero, lambda c: x_adv + dct_band_inverse(c, size, dct_fraction, dct_block)
+        to_rgb = lambda c: x_adv + dct_band_inverse(c, size, dct_fraction, dct_block)  # noqa: E731
+        return zero, to_rgb, lambda g: jax.vjp(to_rgb, zero)[1](g)[0]
     raise ValueError(f"unknown space {space!r}; expected one of {SPACES}")
+
+
+def _pixelwise_pullback(fn, coords: jax.Array, g: jax.Array) -> jax.Array:
+    """``J^T g`` for a map that acts on each pixel alone: one JVP per input channel gives every pixel's
+    Jacobian column at once (several times cheaper than reverse mode through the colour conversion)."""
+    cols = []
+    for ch in range(coords.shape[-1]):
+        tangent = jnp.zeros_like(coords).at[..., ch].set(1.0)
+        _, col = jax.jvp(fn, (coords,), (tangent,))
+        cols.append(jnp.sum(g * col, axis=-1))
+    return jnp.stack(cols, axis=-1)
 
 
 def space_gradient(
     space: Space, x_adv: jax.Array, grad_rgb: jax.Array, *, dct_fraction: float, dct_block: int | None
 ) -> jax.Array:
     """Pull the RGB gradient back onto ``space``'s free variables (a*/b*, low DCT band, or RGB)."""
-    coords, to_rgb = _chart(space, x_adv, dct_fraction, dct_block)
-    _, pullback = jax.vjp(to_rgb, coords)
-    return pullback(grad_rgb)[0]
+    _, _, pullback = _chart(space, x_adv, dct_fraction, dct_block)
+    return pullback(grad_rgb)
 
 
 def space_apply(
     space: Space, x_adv: jax.Array, update: jax.Array, *, dct_fraction: float, dct_block: int | None
 ) -> jax.Array:
     """Move ``space``'s free variables by ``update``; returns the new (unprojected) RGB image."""
-    coords, to_rgb = _chart(space, x_adv, dct_fraction, dct_block)
+    coords, to_rgb, _ = _chart(space, x_adv, dct_fraction, dct_block)
     return to_rgb(coords + update)
 
 
@@ -258,9 +282,8 @@ def space_step(
     The same as ``space_apply(space, x, direction(space_gradient(space, x, g)))`` with the chart
     (e.g. the L*a*b* conversion of ``x_adv``) computed once.
     """
-    coords, to_rgb = _chart(space, x_adv, dct_fraction, dct_block)
-    _, pullback = jax.vjp(to_rgb, coords)
-    return to_rgb(coords + direction(pullback(grad_rgb)[0]))
+    coords, to_rgb, pullback = _chart(space, x_adv, dct_fraction, dct_block)
+    return to_rgb(coords + direction(pullback(grad_rgb)))
 
 
 def project(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
