@@ -42,6 +42,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable saves")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    g = sub.add_parser("generate", help="animate an image with a backbone (to check a protection)")
+    g.add_argument("image", type=Path)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    g.add_argument("--weights", type=Path)
+    g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    g.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--fps", type=int, default=8)
+    g.add_argument("--out", type=Path, default=Path("generated"))
+
     sub.add_parser("backbones", help="list the registered backbones")
     return parser
 
@@ -52,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "backbones":
             return _backbones()
+        if args.command == "generate":
+            return _generate(args)
         return _protect(args)
     except UserError as e:
         print(f"anti-i2v: error: {e}", file=sys.stderr)
@@ -74,6 +88,25 @@ def _backbones() -> int:
     width = max(len(s.name) for s in specs)
     for s in specs:
         print(f"{s.name:<{width}}  {'needs --weights' if s.needs_weights else 'built in      '}  {s.summary}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from anti_i2v_jax import io
+    from anti_i2v_jax.backbones import registry
+
+    image = io.load_image(args.image)
+    backbone = registry.load(args.backbone, args.weights)
+    if not hasattr(backbone, "generate"):
+        raise UserError(f"backbone {args.backbone!r} cannot generate videos yet")
+    frames = backbone.generate(
+        image, args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, seed=args.seed,
+    )
+    stem = args.out / args.image.stem
+    gif = io.save_video(f"{stem}_video.gif", frames, fps=args.fps, protect=[args.image])
+    grid = io.save_image(f"{stem}_frames.png", io.frame_grid(frames), protect=[args.image])
+    print(f"{args.image} -> {gif}, {grid}  ({len(frames)} frames, {backbone.name})")
     return 0
 
 

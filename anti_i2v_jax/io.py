@@ -88,11 +88,18 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], *, protect:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_image(path: str | Path, image: np.ndarray, *, protect: Iterable[Path] = ()) -> Path:
@@ -101,6 +108,36 @@ def save_image(path: str | Path, image: np.ndarray, *, protect: Iterable[Path] =
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise UserError(f"save_image expects uint8 (H, W, 3), got {image.dtype} {image.shape}")
     return atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"), protect=protect)
+
+
+def save_video(path: str | Path, frames: np.ndarray, *, fps: int = 8, protect: Iterable[Path] = ()) -> Path:
+    """Save uint8 frames ``(T, H, W, 3)`` as an animated GIF (or MP4 when imageio-ffmpeg is installed)."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise UserError(f"save_video expects uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    path = Path(path)
+    if path.suffix.lower() == ".mp4":
+        import imageio.v3 as iio  # optional: needs imageio-ffmpeg
+
+        return atomic_write(path, lambda f: f.write(iio.imwrite("<bytes>", frames, extension=".mp4", fps=fps)), protect=protect)
+    images = [Image.fromarray(fr) for fr in frames]
+    return atomic_write(
+        path,
+        lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0),
+        protect=protect,
+    )
+
+
+def frame_grid(frames: np.ndarray, columns: int = 8) -> np.ndarray:
+    """Tile ``(T, H, W, 3)`` frames into one image, ``columns`` per row, row-major in time."""
+    t, h, w, c = frames.shape
+    cols = min(columns, t)
+    rows = -(-t // cols)
+    grid = np.full((rows * h, cols * w, c), 255, np.uint8)
+    for i, frame in enumerate(frames):
+        r, q = divmod(i, cols)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = frame
+    return grid
 
 
 def save_json(path: str | Path, data: Any, *, protect: Iterable[Path] = ()) -> Path:

@@ -111,3 +111,17 @@ def test_quick_start_protects_the_bundled_portrait(tmp_path, capsys):
     original = load_image(src)
     assert out.shape == original.shape
     assert 0 < np.abs(out.astype(int) - original.astype(int)).max() <= 16
+
+
+def test_generate_writes_a_video_and_a_frame_grid(tmp_path, capsys):
+    from pathlib import Path
+
+    from PIL import Image
+
+    from anti_i2v_jax import cli
+
+    src = Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"
+    assert cli.main(["generate", str(src), "--prompt", "an astronaut", "--steps", "2", "--out", str(tmp_path)]) == 0
+    gif = Image.open(tmp_path / "astronaut_video.gif")
+    assert gif.n_frames == 9 and gif.size == (64, 64)
+    assert Image.open(tmp_path / "astronaut_frames.png").size == (8 * 64, 2 * 64)

@@ -166,6 +166,32 @@ class CogVideoXBackbone:
         video, _ = block_taps(state, taps)
         return out, video
 
+    def generate(
+        self,
+        image: np.ndarray,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        use_dynamic_cfg: bool = False,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Image-to-video as the diffusers pipeline (posterior-mean image latents): uint8 frames (T, H, W, 3)."""
+        from anti_i2v_jax.backbones.cogvideox.sampler import decode_latents, denoise_latents
+
+        x = jnp.asarray(np.asarray(image, np.float32) / 255.0)
+        cond, _ = jax.jit(lambda p, v: self.condition(p, v, None))(self.params, x)
+        noise = jax.random.normal(jax.random.PRNGKey(seed), self.latent_shape, jnp.float32)
+        latents = denoise_latents(
+            self, self.params, cond["image_latents"], self.encode_text(self.params, prompt),
+            self.encode_text(self.params, negative_prompt), noise, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
+        )
+        # CogVideoX 1.5 pads the latent frames to a multiple of patch_size_t in front; the pipeline drops them.
+        extra = self.config.latent_frames - ((self.config.num_frames - 1) // self.config.vae.temporal_compression_ratio + 1)
+        return decode_latents(self, self.params, latents[extra:])
+
     def with_reference_video(self, params, video: np.ndarray) -> CogVideoXBackbone:
         """A copy whose clean video latents come from ``video`` ((T, H, W, 3) in [0, 1], T = num_frames)."""
         vae = self.config.vae
