@@ -475,6 +475,8 @@ class Protector:
         self.backbone = backbone
         self.config = config
         _Layers.resolve(backbone, config)  # fail early on bad layer choices
+        # On the device once: host (numpy) parameters would be copied in again at every chunk.
+        self._params = jax.device_put(backbone.params)
         self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
         self._texts: dict[str, Any] = {}
 
@@ -487,7 +489,7 @@ class Protector:
 
     def _text(self, prompt: str):
         if prompt not in self._texts:
-            self._texts[prompt] = self.backbone.encode_text(self.backbone.params, prompt)
+            self._texts[prompt] = self.backbone.encode_text(self._params, prompt)
         return self._texts[prompt]
 
     def protect(
@@ -545,7 +547,7 @@ class Protector:
         x0 = np.stack([im.astype(np.float32) / 255.0 for im in images])
         target = target_img.astype(np.float32) / 255.0
         text = jax.tree.map(lambda *xs: jnp.stack(xs), *[self._text(p) for p in prompts])
-        params = self.backbone.params
+        params = self._params
 
         restored = ckpt.restore() if ckpt else None
         if restored is not None:
@@ -615,7 +617,7 @@ class Protector:
         )
 
     def _diagnose(self, prev_state, image, offset, x0, target, text, terms_at):
-        params = self.backbone.params
+        params = self._params
         state = _index(prev_state, image)
         single = Protector(self.backbone, dataclasses.replace(self.config, chunk_size=1, checkpoint_every=1))
         run1, _ = single._fns(x0.shape[1:3], "sequential", 1)

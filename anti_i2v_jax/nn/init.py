@@ -26,4 +26,4 @@ def seeded_params(abstract, seed: int, special: Mapping[str, Callable[[tuple], n
             return np.ones(spec.shape, np.float32)
         return np.zeros(spec.shape, np.float32)
 
-    return jax.tree_util.tree_map_with_path(leaf, abstract)
+    return jax.device_put(jax.tree_util.tree_map_with_path(leaf, abstract))

@@ -1,0 +1,223 @@
+"""One Anti-I2V attack step on CogVideoX: JAX (jitted) vs diffusers (eager PyTorch) on the same weights.
+
+The step: image (64x64, [-1, 1]) -> VAE encode (1 frame, posterior mean) -> image latents x0.7, zero-padded
+to 3 latent frames; clean video latents = the image latent repeated; noise at a fixed t; transformer
+(4 blocks, 8 heads x 64, RoPE + learned positions, 226 x 4096 text); v-prediction MSE; gradient to the
+image. The weights are random (seeded), saved once as a diffusers folder and loaded by both sides (the
+JAX side through the real converter). Each framework runs in its own subprocess so that peak RSS is its own.
+
+    python experiments/benchmark_cogvideox.py [--repeats 5] [--keep DIR]
+
+Needs the torch extra (torch, diffusers). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+T = 437
+HEIGHT = WIDTH = 64
+FRAMES = 9  # pixel frames -> 3 latent frames
+
+
+def small_configs() -> tuple[dict, dict]:
+    transformer = dict(
+        num_attention_heads=8, attention_head_dim=64, in_channels=32, out_channels=16, time_embed_dim=512,
+        text_embed_dim=4096, num_layers=4, sample_width=8, sample_height=8, sample_frames=FRAMES,
+        max_text_seq_length=226, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True,
+    )
+    vae = dict(
+        block_out_channels=(128, 256, 256, 512), latent_channels=16, layers_per_block=3, norm_num_groups=32,
+        sample_height=HEIGHT, sample_width=WIDTH, scaling_factor=0.7,
+    )
+    return transformer, vae
+
+
+def build_checkpoint(folder: Path) -> None:
+    """Random small CogVideoX-I2V (seeded) saved as a diffusers folder, plus the fixed inputs."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    tr_cfg, vae_cfg = small_configs()
+    CogVideoXTransformer3DModel(**tr_cfg).save_pretrained(folder / "transformer")
+    AutoencoderKLCogVideoX(**vae_cfg).save_pretrained(folder / "vae")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXImageToVideoPipeline"}))
+    rng = np.random.default_rng(0)
+    np.savez(
+        folder / "inputs.npz",
+        image=rng.uniform(-1, 1, (HEIGHT, WIDTH, 3)).astype(np.float32),
+        noise=rng.standard_normal((3, HEIGHT // 8, WIDTH // 8, 16)).astype(np.float32),
+        text=rng.standard_normal((226, 4096)).astype(np.float32),
+    )
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """Peak RSS while the block runs, sampled every millisecond in a thread (weights + activations + runtime)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = rss_mb(), False
+
+        def watch():
+            while not self._stop:
+                self.peak = max(self.peak, rss_mb())
+                time.sleep(0.001)
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+
+
+def worker_torch(folder: Path, repeats: int) -> dict:
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tr = CogVideoXTransformer3DModel.from_pretrained(folder / "transformer").eval()
+    vae = AutoencoderKLCogVideoX.from_pretrained(folder / "vae").eval()
+    for p in [*tr.parameters(), *vae.parameters()]:
+        p.requires_grad_(False)
+    sched = CogVideoXDDIMScheduler(rescale_betas_zero_snr=True, snr_shift_scale=1.0, timestep_spacing="trailing",
+                                   prediction_type="v_prediction", beta_schedule="scaled_linear")
+    inp = np.load(folder / "inputs.npz")
+    image = torch.from_numpy(inp["image"]).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    noise = torch.from_numpy(inp["noise"]).permute(0, 3, 1, 2)[None]  # (1, F, C, h, w)
+    text = torch.from_numpy(inp["text"])[None]
+    t = torch.tensor([T])
+    cos, sin = get_3d_rotary_pos_embed(64, ((0, 0), (4, 4)), (4, 4), 3)
+
+    def step(x):
+        x = x.clone().requires_grad_(True)
+        z = vae.encode(x[:, :, None]).latent_dist.mean.permute(0, 2, 1, 3, 4)  # (1, 1, C, h, w)
+        image_latents = torch.cat([z * 0.7, torch.zeros_like(z).repeat(1, 2, 1, 1, 1)], dim=1)
+        x0 = (z * 0.7).repeat(1, 3, 1, 1, 1)
+        x_t = sched.add_noise(x0, noise, t)
+        v = tr(torch.cat([x_t, image_latents], dim=2), text, t, image_rotary_emb=(cos, sin), return_dict=False)[0]
+        loss = ((v - sched.get_velocity(x0, noise, t)) ** 2).mean()
+        loss.backward()
+        return loss.item(), x.grad
+
+    t0 = time.perf_counter()
+    loss, grad = step(image)
+    first = time.perf_counter() - t0
+    times = []
+    with PeakRSS() as mem:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step(image)
+            times.append(time.perf_counter() - t0)
+    return dict(median_s=statistics.median(times), first_s=first, loss=loss, grad_norm=float(grad.norm()),
+                peak_rss_mb=mem.peak)
+
+
+def worker_jax(folder: Path, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from anti_i2v_jax.backbones.cogvideox import scheduler
+    from anti_i2v_jax.backbones.cogvideox.config import SchedulerConfig
+    from anti_i2v_jax.backbones.cogvideox.transformer import CogVideoXTransformer3DModel, rotary_embedding
+    from anti_i2v_jax.backbones.cogvideox.vae import AutoencoderKLCogVideoX
+    from weights_convert.cogvideox import load_diffusers
+
+    config, _, host_params, _ = load_diffusers(folder, with_text=False)
+    params = jax.device_put(host_params)  # once: numpy arguments would be copied in on every call
+    del host_params  # memory-mapped file views: unmapped once dropped
+    import gc
+
+    gc.collect()
+    inp = np.load(folder / "inputs.npz")
+    ac = scheduler.alphas_cumprod(SchedulerConfig())
+    vae = AutoencoderKLCogVideoX(config.vae)
+    tr = CogVideoXTransformer3DModel(config.transformer)
+    rope = tuple(jnp.asarray(r) for r in rotary_embedding(config.transformer, 3, 4, 4))
+    noise, text, t = jnp.asarray(inp["noise"]), jnp.asarray(inp["text"])[None], jnp.asarray(T)
+
+    def loss_fn(x, params):
+        mean, _ = vae.apply({"params": params["vae"]}, x[None, None], method=vae.encode)
+        z = mean[0] * 0.7  # (1, h, w, C)
+        image_latents = jnp.concatenate([z, jnp.zeros((2, *z.shape[1:]))], 0)
+        x0 = jnp.repeat(z, 3, axis=0)
+        x_t = scheduler.add_noise(ac, x0, noise, t)
+        v = tr.apply({"params": params["transformer"]}, jnp.concatenate([x_t, image_latents], -1)[None], text,
+                     t[None], rope)[0]
+        return jnp.mean((v - scheduler.get_velocity(ac, x0, noise, t)) ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    image = jnp.asarray(inp["image"])
+    t0 = time.perf_counter()
+    compiled = step.lower(image, params).compile()
+    compile_s = time.perf_counter() - t0
+    loss, grad = jax.block_until_ready(compiled(image, params))
+    times = []
+    with PeakRSS() as mem:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(image, params))
+            times.append(time.perf_counter() - t0)
+    return dict(median_s=statistics.median(times), compile_s=compile_s, loss=float(loss),
+                grad_norm=float(jnp.linalg.norm(grad)), peak_rss_mb=mem.peak, device=jax.devices()[0].device_kind)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--keep", type=Path, help="reuse / keep the checkpoint folder here")
+    parser.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        fn = worker_torch if args.worker == "torch" else worker_jax
+        print(json.dumps(fn(args.folder, args.repeats)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp) / "ckpt"
+        if not (folder / "inputs.npz").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            build_checkpoint(folder)
+        results = {}
+        for which in ("torch", "jax"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", which, "--folder", str(folder), "--repeats", str(args.repeats)],
+                capture_output=True, text=True, check=True,
+            )
+            results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+    pt, jx = results["torch"], results["jax"]
+    print(f"CogVideoX attack step (VAE encode + 4-block transformer + grad to a 64x64 image), "
+          f"{args.repeats} repeats, device {jx['device']}")
+    print("| | diffusers (eager) | JAX (jit) | JAX / PyTorch |")
+    print("|---|---|---|---|")
+    print(f"| median step | {pt['median_s'] * 1e3:.0f} ms | {jx['median_s'] * 1e3:.0f} ms | {jx['median_s'] / pt['median_s']:.2f}x |")
+    print(f"| peak RSS during the steps | {pt['peak_rss_mb']:.0f} MB | {jx['peak_rss_mb']:.0f} MB | "
+          f"{jx['peak_rss_mb'] / pt['peak_rss_mb']:.2f}x |")
+    print(f"| first step / compile | {pt['first_s']:.1f} s (eager) | {jx['compile_s']:.1f} s (compile) | |")
+    print(f"| loss | {pt['loss']:.6f} | {jx['loss']:.6f} | diff {abs(pt['loss'] - jx['loss']):.1e} |")
+    print(f"| grad norm | {pt['grad_norm']:.6g} | {jx['grad_norm']:.6g} | |")
+
+
+if __name__ == "__main__":
+    main()
