@@ -118,6 +118,12 @@ class TransformerConfig:
 
     IGNORED = frozenset({"dropout", "timestep_activation_fn", "activation_fn"})
 
+    def __post_init__(self):
+        if self.patch_size_t is not None and not self.use_rotary_positional_embeddings:
+            raise UserError("patch_size_t needs rotary embeddings (diffusers has no sincos table for it either)")
+        if self.use_learned_positional_embeddings and not self.use_rotary_positional_embeddings:
+            raise UserError("learned positional embeddings without RoPE exist in no CogVideoX checkpoint (diffusers refuses them)")
+
     @classmethod
     def from_diffusers(cls, raw: dict[str, Any], where: str = "transformer/config.json") -> TransformerConfig:
         """Parse a diffusers ``transformer/config.json`` dict."""
