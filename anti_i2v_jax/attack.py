@@ -475,8 +475,9 @@ class Protector:
         self.backbone = backbone
         self.config = config
         _Layers.resolve(backbone, config)  # fail early on bad layer choices
-        # On the device once: host (numpy) parameters would be copied in again at every chunk.
-        self._params = jax.device_put(backbone.params)
+        # On the device once (host arrays would be copied in at every chunk), and only what a step needs
+        # when the backbone says so (``attack_params``, e.g. no VAE decoder).
+        self._params = jax.device_put(getattr(backbone, "attack_params", backbone.params))
         self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
         self._texts: dict[str, Any] = {}
 

@@ -125,3 +125,32 @@ def test_generate_writes_a_video_and_a_frame_grid(tmp_path, capsys):
     gif = Image.open(tmp_path / "astronaut_video.gif")
     assert gif.n_frames == 9 and gif.size == (64, 64)
     assert Image.open(tmp_path / "astronaut_frames.png").size == (8 * 64, 2 * 64)
+
+
+def test_image_encoder_params_encode_images_exactly_and_refuse_videos():
+    from anti_i2v_jax.backbones.cogvideox.vae import AutoencoderKLCogVideoX, image_encoder_params
+
+    bb = tiny_backbone()
+    taps = ("conv_in", "down_blocks.1", "mid_block", "conv_out")
+    x = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (1, 1, 64, 64, 3)), jnp.float32)
+    full = AutoencoderKLCogVideoX(bb.config.vae, taps=taps)
+    image = AutoencoderKLCogVideoX(bb.config.vae, taps=taps, image_only=True)
+    (m1, l1), s1 = full.apply({"params": bb.params["vae"]}, x, method=full.encode, mutable=["intermediates"])
+    small = image_encoder_params(bb.params["vae"])
+    (m2, l2), s2 = image.apply({"params": small}, x, method=image.encode, mutable=["intermediates"])
+    np.testing.assert_allclose(m2, m1, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(l2, l1, atol=1e-5, rtol=1e-5)
+    for name in taps:
+        np.testing.assert_allclose(
+            s2["intermediates"]["encoder"][f"tap:{name}"][0], s1["intermediates"]["encoder"][f"tap:{name}"][0],
+            atol=1e-5, rtol=1e-5,
+        )
+    n = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))  # noqa: E731
+    assert n(small) < 0.5 * n(bb.params["vae"]["encoder"])
+    with pytest.raises(ValueError, match="single"):
+        image.apply({"params": small}, jnp.zeros((1, 9, 64, 64, 3)), method=image.encode)
+    # The adapter gives the same condition from either parameter set.
+    img = jnp.asarray(np.random.default_rng(5).random((64, 64, 3)), jnp.float32)
+    c_full, _ = bb.condition(bb.params, img, None)
+    c_attack, _ = bb.condition(bb.attack_params, img, None)
+    np.testing.assert_allclose(c_attack["image_latents"], c_full["image_latents"], atol=1e-5, rtol=1e-5)

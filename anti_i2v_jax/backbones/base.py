@@ -14,7 +14,9 @@ Conventions every adapter follows:
 * ``add_noise`` builds the clean video latents from the condition (the image repeated over frames unless
   the adapter was given a reference video) and noises them at a sampled timestep;
 * ``denoise`` runs the denoiser on a :class:`Noisy` sample and returns its prediction in the backbone's own
-  parameterisation (eps, v or velocity) together with the requested block taps.
+  parameterisation (eps, v or velocity) together with the requested block taps;
+* an adapter may expose ``attack_params``, the subset (or re-layout) of its parameters a protection step
+  needs; the attack then holds only those and passes them to every method.
 """
 
 from __future__ import annotations

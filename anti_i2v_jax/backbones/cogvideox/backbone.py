@@ -17,6 +17,7 @@ Layer defaults (documented choices, configurable through ``AttackConfig``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ from anti_i2v_jax.backbones.cogvideox.transformer import (
     rotary_embedding,
     sincos_pos_embedding,
 )
-from anti_i2v_jax.backbones.cogvideox.vae import AutoencoderKLCogVideoX, sample_posterior
+from anti_i2v_jax.backbones.cogvideox.vae import AutoencoderKLCogVideoX, image_encoder_params, sample_posterior
 from anti_i2v_jax.nn.init import seeded_params
 
 
@@ -102,11 +103,24 @@ class CogVideoXBackbone:
             return jnp.zeros((cfg.max_text_seq_length, cfg.text_embed_dim), jnp.float32)
         return jnp.asarray(self.text_encoder(prompt), jnp.float32)
 
+    @functools.cached_property
+    def attack_params(self) -> dict:
+        """What a protection step needs: the image encoder with its temporal taps summed (exact for one
+        frame, a third of the encoder's weights, no decoder) and the transformer."""
+        return {"vae_image": image_encoder_params(self.params["vae"]), "transformer": self.params["transformer"]}
+
     def encode_image(self, params, x, key=None, *, vae_layers: Sequence[str] = ()):
-        """Image latent z (1, h, w, C), unscaled, and the requested VAE taps (of one 1-frame encode)."""
-        model = AutoencoderKLCogVideoX(self.config.vae, taps=tuple(t for t in vae_layers if t != "latent"))
+        """Image latent z (1, h, w, C), unscaled, and the requested VAE taps (of one 1-frame encode).
+
+        ``params`` may be :attr:`params` (full VAE) or :attr:`attack_params` (image encoder only).
+        """
+        image_only = "vae_image" in params
+        model = AutoencoderKLCogVideoX(
+            self.config.vae, taps=tuple(t for t in vae_layers if t != "latent"), image_only=image_only
+        )
         (mean, logvar), state = model.apply(
-            {"params": params["vae"]}, self.preprocess(x)[None, None], method=model.encode, mutable=["intermediates"]
+            {"params": params["vae_image" if image_only else "vae"]}, self.preprocess(x)[None, None],
+            method=model.encode, mutable=["intermediates"],
         )
         z = sample_posterior(mean, logvar, key)[0]
         inter = state.get("intermediates", {}).get("encoder", {})

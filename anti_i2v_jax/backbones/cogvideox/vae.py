@@ -57,20 +57,28 @@ class Conv3dAs2d(nn.Module):
     several times faster than 3-D ones on CPU. ``repeated_front`` says how many leading frames of the
     input are copies of the next one (the causal padding of a first chunk): for a single frame the
     temporal taps then collapse into one 2-D convolution with the kernel summed over time.
+
+    With ``summed`` the kernel is stored with its temporal taps already summed, ``(1, kH, kW, I, O)``
+    (:func:`image_encoder_params`): it serves single-frame, first-chunk inputs only.
     """
 
     features: int
     kernel_size: tuple[int, int, int]
+    summed: bool = False
 
     @nn.compact
     def __call__(self, x, repeated_front: int = 0):  # (B, T, H, W, C), already padded
         kt, kh, kw = self.kernel_size
         kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (kt, kh, kw, x.shape[-1], self.features)
+            "kernel", nn.initializers.lecun_normal(), (1 if self.summed else kt, kh, kw, x.shape[-1], self.features)
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         b, t = x.shape[:2]
         t_out = t - kt + 1
+        if self.summed and kt > 1:
+            if t_out != 1 or repeated_front != kt - 1:
+                raise ValueError("image-only VAE parameters (temporal taps summed) can only encode single images")
+            return _conv2d(x[:, -1], kernel[0])[:, None] + bias
         if t_out == 1 and repeated_front == kt - 1:
             # an explicit sum: XLA on CPU reduces a leading axis of a large kernel ~10x slower
             y = _conv2d(x[:, -1], sum(kernel[k] for k in range(kt)))[:, None]
@@ -88,6 +96,7 @@ class CausalConv3d(nn.Module):
 
     features: int
     kernel: int = 3
+    image_only: bool = False
 
     @nn.compact
     def __call__(self, x, cache=None):  # (B, T, H, W, C)
@@ -104,7 +113,7 @@ class CausalConv3d(nn.Module):
             new_cache = None
         p = (k - 1) // 2
         x = jnp.pad(x, ((0, 0), (0, 0), (p, p), (p, p), (0, 0)))
-        return Conv3dAs2d(self.features, (k, k, k), name="conv")(x, repeated), new_cache
+        return Conv3dAs2d(self.features, (k, k, k), self.image_only, name="conv")(x, repeated), new_cache
 
 
 class SpatialNorm3D(nn.Module):
@@ -148,6 +157,7 @@ class ResnetBlock3D(nn.Module):
     groups: int
     eps: float
     spatial_norm: bool = False
+    image_only: bool = False
 
     @nn.compact
     def __call__(self, x, zq=None, cache=None):
@@ -158,12 +168,16 @@ class ResnetBlock3D(nn.Module):
             h, new["norm1"] = SpatialNorm3D(self.in_channels, self.groups, name="norm1")(h, zq, cache.get("norm1"))
         else:
             h = _group_norm(self.groups, self.eps, "norm1")(h)
-        h, new["conv1"] = CausalConv3d(self.out_channels, name="conv1")(nn.silu(h), cache.get("conv1"))
+        h, new["conv1"] = CausalConv3d(self.out_channels, image_only=self.image_only, name="conv1")(
+            nn.silu(h), cache.get("conv1")
+        )
         if self.spatial_norm:
             h, new["norm2"] = SpatialNorm3D(self.out_channels, self.groups, name="norm2")(h, zq, cache.get("norm2"))
         else:
             h = _group_norm(self.groups, self.eps, "norm2")(h)
-        h, new["conv2"] = CausalConv3d(self.out_channels, name="conv2")(nn.silu(h), cache.get("conv2"))
+        h, new["conv2"] = CausalConv3d(self.out_channels, image_only=self.image_only, name="conv2")(
+            nn.silu(h), cache.get("conv2")
+        )
         if self.in_channels != self.out_channels:
             x = Conv3dAs2d(self.out_channels, (1, 1, 1), name="conv_shortcut")(x)
         return h + x, new
@@ -230,15 +244,16 @@ class DownBlock3D(nn.Module):
     eps: float
     add_downsample: bool
     compress_time: bool
+    image_only: bool = False
 
     @nn.compact
     def __call__(self, h, cache=None):
         cache, new = cache or {}, {}
         for j in range(self.num_layers):
             c_in = self.in_channels if j == 0 else self.out_channels
-            h, new[f"resnet_{j}"] = ResnetBlock3D(c_in, self.out_channels, self.groups, self.eps, name=f"resnets_{j}")(
-                h, cache=cache.get(f"resnet_{j}")
-            )
+            h, new[f"resnet_{j}"] = ResnetBlock3D(
+                c_in, self.out_channels, self.groups, self.eps, image_only=self.image_only, name=f"resnets_{j}"
+            )(h, cache=cache.get(f"resnet_{j}"))
         if self.add_downsample:
             h = Downsample3D(self.out_channels, self.compress_time, name="downsamplers_0")(h)
         return h, new
@@ -251,13 +266,15 @@ class MidBlock3D(nn.Module):
     groups: int
     eps: float
     spatial_norm: bool = False
+    image_only: bool = False
 
     @nn.compact
     def __call__(self, h, zq=None, cache=None):
         cache, new = cache or {}, {}
         for j in range(2):
             h, new[f"resnet_{j}"] = ResnetBlock3D(
-                self.channels, self.channels, self.groups, self.eps, self.spatial_norm, name=f"resnets_{j}"
+                self.channels, self.channels, self.groups, self.eps, self.spatial_norm, self.image_only,
+                name=f"resnets_{j}",
             )(h, zq, cache.get(f"resnet_{j}"))
         return h, new
 
@@ -291,6 +308,7 @@ class Encoder3D(nn.Module):
 
     config: VAEConfig
     taps: tuple[str, ...] = ()
+    image_only: bool = False  # parameters from image_encoder_params (temporal taps summed)
 
     def _sow(self, name, value):
         if name in self.taps:
@@ -302,20 +320,23 @@ class Encoder3D(nn.Module):
         cache, new = cache or {}, {}
         levels = int(math.log2(cfg.temporal_compression_ratio))
         widths = cfg.block_out_channels
-        h, new["conv_in"] = CausalConv3d(widths[0], name="conv_in")(x, cache.get("conv_in"))
+        io = self.image_only
+        h, new["conv_in"] = CausalConv3d(widths[0], image_only=io, name="conv_in")(x, cache.get("conv_in"))
         self._sow("conv_in", h)
         for i, width in enumerate(widths):
             h, new[f"down_block_{i}"] = DownBlock3D(
                 widths[max(i - 1, 0)], width, cfg.layers_per_block, cfg.norm_num_groups, cfg.norm_eps,
-                add_downsample=i < len(widths) - 1, compress_time=i < levels, name=f"down_blocks_{i}",
+                add_downsample=i < len(widths) - 1, compress_time=i < levels, image_only=io, name=f"down_blocks_{i}",
             )(h, cache.get(f"down_block_{i}"))
             self._sow(f"down_blocks.{i}", h)
-        h, new["mid_block"] = MidBlock3D(widths[-1], cfg.norm_num_groups, cfg.norm_eps, name="mid_block")(
-            h, cache=cache.get("mid_block")
-        )
+        h, new["mid_block"] = MidBlock3D(
+            widths[-1], cfg.norm_num_groups, cfg.norm_eps, image_only=io, name="mid_block"
+        )(h, cache=cache.get("mid_block"))
         self._sow("mid_block", h)
         h = nn.silu(_group_norm(cfg.norm_num_groups, 1e-6, "norm_out")(h))
-        h, new["conv_out"] = CausalConv3d(2 * cfg.latent_channels, name="conv_out")(h, cache.get("conv_out"))
+        h, new["conv_out"] = CausalConv3d(2 * cfg.latent_channels, image_only=io, name="conv_out")(
+            h, cache.get("conv_out")
+        )
         self._sow("conv_out", h)
         return h, new
 
@@ -358,13 +379,16 @@ class AutoencoderKLCogVideoX(nn.Module):
 
     config: VAEConfig
     taps: tuple[str, ...] = ()
+    image_only: bool = False  # encode single images with image_encoder_params; no decoder
 
     def setup(self):
-        self.encoder = Encoder3D(self.config, taps=self.taps)
+        self.encoder = Encoder3D(self.config, taps=self.taps, image_only=self.image_only)
         self.decoder = Decoder3D(self.config)
 
     def encode(self, x):
         """(B, T, H, W, 3) in [-1, 1] -> (mean, logvar), each (B, T', H/8, W/8, latent); logvar clamped."""
+        if self.image_only and x.shape[1] != 1:
+            raise ValueError(f"image-only VAE parameters encode single frames, got {x.shape[1]}")
         outs, cache = [], None
         for start, end in _chunks(x.shape[1], self.config.encode_frames_per_chunk):
             h, cache = self.encoder(x[:, start:end], cache)
@@ -384,6 +408,26 @@ class AutoencoderKLCogVideoX(nn.Module):
     def __call__(self, x):
         mean, _ = self.encode(x)
         return self.decode(mean)
+
+
+def image_encoder_params(vae_params: dict) -> dict:
+    """The encoder's parameters for single images: every causal 3-D kernel summed over its temporal taps.
+
+    With the first-frame causal padding, all taps of a 1-frame input see the same frame, so the sum is the
+    exact kernel of the equivalent 2-D convolution. A third of the encoder's weights, no decoder, and no
+    per-step kernel sums: what the image attack holds. Videos need the full parameters.
+    """
+
+    def collapse(tree):
+        if isinstance(tree, dict):
+            out = {k: collapse(v) for k, v in tree.items()}
+            kernel = out.get("kernel")
+            if kernel is not None and getattr(kernel, "ndim", 0) == 5 and kernel.shape[0] > 1:
+                out["kernel"] = sum(kernel[k] for k in range(kernel.shape[0]))[None]
+            return out
+        return tree
+
+    return {"encoder": collapse(dict(vae_params["encoder"]))}
 
 
 def sample_posterior(mean: jax.Array, logvar: jax.Array, key: jax.Array | None) -> jax.Array:
