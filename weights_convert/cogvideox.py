@@ -80,25 +80,28 @@ def t5_abstract(config: T5Config) -> dict:
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
 
 
-def load_diffusers(src: str | Path, *, dtype: Any = None, dry_run: bool = False, with_text: bool = True):
-    """Read and check a diffusers CogVideoX-I2V folder: (config, t5 config, params or None, reports)."""
+def components(src: Path, config: CogVideoXConfig, t5: T5Config | None, with_text: bool = True):
+    """(name, source, rules, abstract tree, ignored keys) for each part of the checkpoint."""
     from anti_i2v_jax.backbones.cogvideox.backbone import abstract_params
 
+    abstract = abstract_params(config)
+    parts = [
+        ("transformer", SafetensorsSource(src / "transformer"), TRANSFORMER_RULES, abstract["transformer"], ()),
+        ("vae", SafetensorsSource(src / "vae"), VAE_RULES, abstract["vae"], ()),
+    ]
+    if t5 is not None and with_text:
+        parts.append(("text_encoder", SafetensorsSource(src / "text_encoder"), T5_RULES, t5_abstract(t5), T5_IGNORED))
+    return parts
+
+
+def load_diffusers(src: str | Path, *, dtype: Any = None, dry_run: bool = False, with_text: bool = True):
+    """Read and check a diffusers CogVideoX-I2V folder: (config, t5 config, params or None, reports)."""
     src = Path(src)
     config, t5 = read_configs(src)
-    abstract = abstract_params(config)
     params, reports = {}, {}
-    params["transformer"], reports["transformer"] = convert(
-        SafetensorsSource(src / "transformer"), TRANSFORMER_RULES, abstract["transformer"],
-        dtype=dtype, dry_run=dry_run, what=f"{src}/transformer",
-    )
-    params["vae"], reports["vae"] = convert(
-        SafetensorsSource(src / "vae"), VAE_RULES, abstract["vae"], dtype=dtype, dry_run=dry_run, what=f"{src}/vae"
-    )
-    if t5 is not None and with_text:
-        params["text_encoder"], reports["text_encoder"] = convert(
-            SafetensorsSource(src / "text_encoder"), T5_RULES, t5_abstract(t5), ignore=T5_IGNORED,
-            dtype=dtype, dry_run=dry_run, what=f"{src}/text_encoder",
+    for name, source, rules, abstract, ignore in components(src, config, t5, with_text):
+        params[name], reports[name] = convert(
+            source, rules, abstract, ignore=ignore, dtype=dtype, dry_run=dry_run, what=f"{src}/{name}"
         )
     return config, t5, (None if dry_run else params), reports
 
@@ -108,13 +111,18 @@ def variant_of(config: CogVideoXConfig) -> str:
 
 
 def run(src: Path, dst: Path, dtype: str, dry_run: bool) -> int:
-    """``python -m weights_convert cogvideox``: convert (or dry-run) and print a one-line summary."""
+    """``python -m weights_convert cogvideox``: convert (or dry-run) and print a one-line summary.
+
+    Every component is checked (headers only) before anything is written; then each is converted and
+    saved on its own, so peak memory is the largest component, not the whole pipeline.
+    """
     import ml_dtypes
 
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    src = Path(src)
     if not dry_run:
         check_destination(dst)
-    config, t5, params, reports = load_diffusers(src, dtype=np_dtype, dry_run=dry_run)
+    config, t5, _, reports = load_diffusers(src, dry_run=True)
     total = Report(
         mapped=sum(r.mapped for r in reports.values()),
         ignored=sum(r.ignored for r in reports.values()),
@@ -123,7 +131,21 @@ def run(src: Path, dst: Path, dtype: str, dry_run: bool) -> int:
     if dry_run:
         print(total.summary())
         return 0
-    save_converted(dst, params, config_to_json(config, t5, variant_of(config), dtype), tokenizer=src / "tokenizer")
+
+    def write(tmp: Path) -> None:
+        import orbax.checkpoint as ocp
+
+        checkpointer = ocp.StandardCheckpointer()
+        for name, source, rules, abstract, ignore in components(src, config, t5):
+            params, _ = convert(source, rules, abstract, ignore=ignore, dtype=np_dtype, what=f"{src}/{name}")
+            checkpointer.save(tmp / "params" / name, params)
+            checkpointer.wait_until_finished()
+            del params
+        if (src / "tokenizer").is_dir():
+            shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+        (tmp / "config.json").write_text(json.dumps(config_to_json(config, t5, variant_of(config), dtype), indent=2) + "\n")
+
+    write_atomically(dst, write)
     print(f"{total.summary()}; wrote {dst}")
     return 0
 
@@ -134,24 +156,17 @@ def check_destination(dst: Path) -> None:
         raise UserError(f"{dst}: exists and is not empty; choose a new --dst folder")
 
 
-def save_converted(dst: Path, params: dict, config_json: dict, tokenizer: Path | None = None) -> None:
-    """Write ``dst/params`` (orbax), ``dst/config.json`` and ``dst/tokenizer``: into a temporary sibling
-    folder first, renamed into place at the end, so an interrupted conversion leaves no half checkpoint."""
+def write_atomically(dst: Path, write) -> None:
+    """Run ``write(tmp)`` into a temporary sibling folder and rename it to ``dst`` at the end, so an
+    interrupted conversion leaves no half checkpoint (and nothing in ``dst``)."""
     import tempfile
-
-    import orbax.checkpoint as ocp
 
     dst = Path(dst).absolute()
     check_destination(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / "params", params)
-        checkpointer.wait_until_finished()
-        if tokenizer is not None and tokenizer.is_dir():
-            shutil.copytree(tokenizer, tmp / "tokenizer")
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        write(tmp)
         if dst.exists():
             dst.rmdir()  # empty, checked above
         tmp.rename(dst)

@@ -50,8 +50,13 @@ def load_converted(path: str | Path, name: str | None = None, expect_variant: st
             T5EncoderModel(t5).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
         )["params"]
     dtype = jnp.bfloat16 if configs.read_json(path / "config.json").get("dtype") == "bfloat16" else jnp.float32
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), abstract)
-    params = ocp.StandardCheckpointer().restore(path / "params", target)
+    checkpointer = ocp.StandardCheckpointer()
+    params = {}
+    for part, tree in abstract.items():  # one orbax checkpoint per component
+        if not (path / "params" / part).is_dir():
+            raise UserError(f"{path}: missing params/{part}; convert again with python -m weights_convert")
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree)
+        params[part] = checkpointer.restore(path / "params" / part, target)
     text = None
     if t5 is not None:
         if not (path / "tokenizer").is_dir():
