@@ -152,3 +152,16 @@ def test_convert_then_load_round_trips(tmp_path, case, capsys):
     assert backbone.name == "cogvideox-5b-i2v"
     assert convert_main.main(["cogvideox", "--src", str(case), "--dst", str(tmp_path / "out")]) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", case_dirs("cogvideox") or [pytest.param(None, marks=pytest.mark.skip(reason="set ANTI_I2V_FIXTURES"))])
+def test_bfloat16_weights_load_and_run(tmp_path, case, capsys):
+    import jax.numpy as jnp
+
+    from anti_i2v_jax.backbones.cogvideox import load_converted
+
+    assert convert_main.main(["cogvideox", "--src", str(case), "--dst", str(tmp_path / "bf16")]) == 0
+    backbone = load_converted(tmp_path / "bf16")
+    assert {a.dtype for a in jax.tree.leaves(backbone.params)} == {jnp.dtype(jnp.bfloat16)}
+    cond, _ = backbone.condition(backbone.params, jnp.full((64, 96, 3), 0.5), None)
+    assert np.isfinite(np.asarray(cond["image_latents"], np.float32)).all()
