@@ -73,6 +73,9 @@ class Conv3dAs2d(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (1 if self.summed else kt, kh, kw, x.shape[-1], self.features)
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        # Promote like nn.Conv does (e.g. bfloat16 weights with float32 activations compute in float32).
+        dtype = jnp.result_type(x, kernel)
+        x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
         b, t = x.shape[:2]
         t_out = t - kt + 1
         if self.summed and kt > 1:
