@@ -91,12 +91,16 @@ def cogvideox_outputs(case) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("case, output", output_params("cogvideox"))
-def test_cogvideox_matches_diffusers(case, output):
+def _check(case, output, compute) -> None:
     meta, _, expected = load_case(case)
-    got = cogvideox_outputs(case)
+    got = compute(case)
     assert output in got, f"the port does not compute {output!r} listed in {case}/case.json"
     assert_close(got[output], expected[output], meta["tolerance"], f"{case.name}: {output}")
+
+
+@pytest.mark.parametrize("case, output", output_params("cogvideox"))
+def test_cogvideox_matches_diffusers(case, output):
+    _check(case, output, cogvideox_outputs)
 
 
 @functools.cache
@@ -122,7 +126,4 @@ def t5_outputs(case) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("case, output", output_params("t5"))
 def test_t5_matches_transformers(case, output):
-    meta, _, expected = load_case(case)
-    got = t5_outputs(case)
-    assert output in got, f"the port does not compute {output!r} listed in {case}/case.json"
-    assert_close(got[output], expected[output], meta["tolerance"], f"{case.name}: {output}")
+    _check(case, output, t5_outputs)

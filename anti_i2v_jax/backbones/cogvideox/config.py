@@ -7,30 +7,11 @@ handled nor listed as ignored, so a subtly different model is never built silent
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
+from anti_i2v_jax.backbones.base import parse_config
+from anti_i2v_jax.backbones.base import read_json
 from anti_i2v_jax.errors import UserError
-
-
-def _parse(cls, raw: dict[str, Any], ignored: frozenset[str], where: str):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in raw if k not in fields and k not in ignored and not k.startswith("_"))
-    if unknown:
-        raise UserError(f"{where}: unknown config keys {unknown}; this port does not know what they change")
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in fields}
-    return cls(**kwargs)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A config file as a dict, with a clear error when it is missing or malformed."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,7 +57,7 @@ class VAEConfig:
         for key in ("shift_factor", "latents_mean", "latents_std"):
             if raw.get(key) is not None:
                 raise UserError(f"{where}: {key} is set; CogVideoX VAEs have none")
-        return _parse(cls, raw, cls.IGNORED, where)
+        return parse_config(cls, raw, cls.IGNORED, where)
 
     @property
     def spatial_factor(self) -> int:
@@ -136,7 +117,7 @@ class TransformerConfig:
                 raise UserError(f"{where}: {key}={raw[key]!r} is not supported (expected {expected!r})")
         if raw.get("timestep_cond") not in (None,):
             raise UserError(f"{where}: timestep_cond is not supported")
-        return _parse(cls, raw, cls.IGNORED | {"timestep_cond"}, where)
+        return parse_config(cls, raw, cls.IGNORED | {"timestep_cond"}, where)
 
     @property
     def inner_dim(self) -> int:
@@ -170,7 +151,7 @@ class SchedulerConfig:
         """Parse a diffusers scheduler config dict."""
         if raw.get("trained_betas") is not None:
             raise UserError(f"{where}: trained_betas is not supported")
-        cfg = _parse(cls, raw, cls.IGNORED, where)
+        cfg = parse_config(cls, raw, cls.IGNORED, where)
         if cfg.beta_schedule != "scaled_linear" or cfg.prediction_type != "v_prediction" or cfg.clip_sample:
             raise UserError(f"{where}: only scaled_linear betas, v_prediction and clip_sample=false are supported")
         if cfg.timestep_spacing not in ("trailing", "leading", "linspace"):

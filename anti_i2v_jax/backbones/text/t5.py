@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anti_i2v_jax.backbones.base import parse_config
 from anti_i2v_jax.errors import UserError
 
 
@@ -51,11 +52,7 @@ class T5Config:
         """Parse a transformers T5 ``config.json``; only the v1.1 gated-GELU encoder is supported."""
         if raw.get("feed_forward_proj", "gated-gelu") != "gated-gelu" or raw.get("dense_act_fn", "gelu_new") != "gelu_new":
             raise UserError(f"{where}: only T5 v1.1 (feed_forward_proj gated-gelu, gelu_new) is supported")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in raw if k not in fields and k not in cls.HANDLED_ELSEWHERE and not k.startswith("_"))
-        if unknown:
-            raise UserError(f"{where}: unknown config keys {unknown}")
-        return cls(**{k: v for k, v in raw.items() if k in fields})
+        return parse_config(cls, raw, cls.HANDLED_ELSEWHERE, where)
 
     @property
     def inner_dim(self) -> int:
