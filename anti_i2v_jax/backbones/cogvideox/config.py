@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from anti_i2v_jax.backbones.base import parse_config
-from anti_i2v_jax.backbones.base import read_json
+from anti_i2v_jax.configs import parse_config
+from anti_i2v_jax.configs import read_json
 from anti_i2v_jax.errors import UserError
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anti_i2v_jax.backbones.base import parse_config
+from anti_i2v_jax.configs import parse_config
 from anti_i2v_jax.errors import UserError
 
 
