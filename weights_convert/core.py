@@ -64,6 +64,7 @@ class Rule:
     pattern: str
     target: str
     transform: str = "identity"
+    sub: tuple[str, str] | None = None  # for TORCH rules: a regex substitution applied to the key first
 
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
@@ -234,7 +235,8 @@ def plan(
             m = regex.fullmatch(key)
             if m:
                 if rule.target == TORCH:
-                    target, transform = torch_to_flax(key, len(shapes[key]))
+                    renamed = re.sub(rule.sub[0], rule.sub[1], key) if rule.sub else key
+                    target, transform = torch_to_flax(renamed, len(shapes[key]))
                 else:
                     target, transform = m.expand(rule.target), rule.transform
                 if target in mapping:
