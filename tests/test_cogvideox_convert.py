@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-import struct
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,36 +11,9 @@ import pytest
 from anti_i2v_jax.backbones.cogvideox import config as configs
 from anti_i2v_jax.errors import UserError
 from fixtures import case_dirs
+from headers import KEYS, needs_keys, read_keys, write_header_only
 from weights_convert import __main__ as convert_main
 from weights_convert import cogvideox as conv
-
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "docs" / "reference" / "keys"
-needs_keys = pytest.mark.skipif(not KEYS.is_dir(), reason=f"key lists not found at {KEYS}")
-
-
-def read_keys(name: str) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in (KEYS / name).read_text().splitlines():
-        m = re.fullmatch(r"(\S+) \(([\d, ]*)\)", line.strip())
-        if m:
-            out[m.group(1)] = tuple(int(x) for x in m.group(2).replace(" ", "").split(",") if x)
-    return out
-
-
-def write_header_only(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> None:
-    """A safetensors file with a real header and a sparse (unwritten) data region of the full size."""
-    itemsize = {"BF16": 2, "F32": 4}[dtype]
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        size = int(np.prod(shape, dtype=np.int64)) * itemsize
-        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-
 
 def build_folder(root: Path, variant: str) -> tuple[Path, int, int]:
     """A diffusers folder of header-only files with the full-size key lists; returns (path, mapped, ignored)."""

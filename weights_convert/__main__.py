@@ -17,6 +17,13 @@ def main(argv=None) -> int:
     p.add_argument("--dst", type=Path, help="output folder (new or empty); not needed with --dry-run")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--dry-run", action="store_true", help="read headers only, check the mapping and shapes")
+    o = sub.add_parser("opensora", help="hpcai-tech/OpenSora-STDiT-v3 + OpenSora-VAE-v1.2 [+ T5 v1.1 XXL]")
+    o.add_argument("--stdit", type=Path, required=True, help="the STDiT3 folder (config.json + model.safetensors)")
+    o.add_argument("--vae", type=Path, required=True, help="the VAE folder (config.json + model.safetensors)")
+    o.add_argument("--t5", type=Path, help="the T5 encoder folder (config.json + safetensors [+ tokenizer/])")
+    o.add_argument("--dst", type=Path, help="output folder (new or empty); not needed with --dry-run")
+    o.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    o.add_argument("--dry-run", action="store_true", help="read headers only, check the mapping and shapes")
     args = parser.parse_args(argv)
     try:
         if not args.dry_run and args.dst is None:
@@ -25,6 +32,10 @@ def main(argv=None) -> int:
             from weights_convert import cogvideox
 
             return cogvideox.run(args.src, args.dst, args.dtype, args.dry_run)
+        if args.backbone == "opensora":
+            from weights_convert import opensora
+
+            return opensora.run(args.stdit, args.vae, args.t5, args.dst, args.dtype, args.dry_run)
     except UserError as e:
         print(f"weights_convert: error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,104 @@
+"""Open-Sora 1.2 (STDiT3-XL/2 + SDXL VAE + VAE_Temporal_SD + T5): Flax ports, the I2V adapter, registry entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from anti_i2v_jax.backbones.opensora.backbone import (
+    OpenSoraBackbone,
+    OpenSoraConfig,
+    abstract_params,
+    init_params,
+    opensora_v1_2,
+    tiny,
+)
+from anti_i2v_jax.backbones.registry import BackboneSpec, register
+from anti_i2v_jax.errors import UserError
+
+TINY_T5 = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=80, num_layers=2, num_heads=4)
+
+
+def _t5_abstract(t5):
+    from anti_i2v_jax.backbones.text.t5 import T5EncoderModel
+
+    return jax.eval_shape(T5EncoderModel(t5).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def tiny_backbone(seed: int = 0) -> OpenSoraBackbone:
+    """``opensora-tiny``: the tiny config with seeded random weights and a tiny random T5 over UTF-8 bytes.
+
+    A pipeline demo: every part of the attack runs in seconds; it gives no real protection.
+    """
+    from anti_i2v_jax.backbones.text.t5 import ByteTokenizer, T5Config, T5TextEncoder
+    from anti_i2v_jax.nn.init import seeded_params
+
+    config = tiny()
+    t5 = T5Config(**TINY_T5)
+    text = T5TextEncoder(t5, seeded_params(_t5_abstract(t5), seed + 1), ByteTokenizer(t5.vocab_size),
+                         config.stdit.model_max_length, with_mask=True)
+    return OpenSoraBackbone(name="opensora-tiny", config=config, params=init_params(config, seed), text_encoder=text)
+
+
+def load_converted(path: str | Path, name: str = "opensora-1.2") -> OpenSoraBackbone:
+    """A backbone from a folder written by ``python -m weights_convert opensora`` (T5 needed for prompts)."""
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3Config
+    from anti_i2v_jax.backbones.opensora.vae import TemporalVAEConfig, VideoVAEConfig
+    from anti_i2v_jax.backbones.text.t5 import T5Config, T5TextEncoder, load_tokenizer
+    from anti_i2v_jax.configs import read_json
+    from anti_i2v_jax.nn.autoencoder_kl import AutoencoderKLConfig
+
+    path = Path(path).expanduser().absolute()
+    raw = read_json(path / "config.json")
+    if raw.get("backbone") != "opensora":
+        raise UserError(f"{path}: converted weights of {raw.get('backbone')!r}, not opensora")
+    tup = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
+    v = raw["vae"]
+    config = dataclasses.replace(
+        opensora_v1_2(),
+        stdit=STDiT3Config(**tup(raw["stdit"])),
+        vae=VideoVAEConfig(
+            spatial=AutoencoderKLConfig(**tup(v["spatial"])), temporal=TemporalVAEConfig(**tup(v["temporal"])),
+            micro_frame_size=v["micro_frame_size"], shift=tuple(v["shift"]), scale=tuple(v["scale"]),
+        ),
+    )
+    abstract = abstract_params(config)
+    t5 = T5Config(**raw["text_encoder"]) if raw.get("text_encoder") else None
+    if t5 is not None:
+        abstract["text_encoder"] = _t5_abstract(t5)
+    dtype = jnp.bfloat16 if raw.get("dtype") == "bfloat16" else jnp.float32
+    checkpointer = ocp.StandardCheckpointer()
+    params = {}
+    for part, tree in abstract.items():
+        if not (path / "params" / part).is_dir():
+            raise UserError(f"{path}: missing params/{part}; convert again with python -m weights_convert")
+        params[part] = checkpointer.restore(path / "params" / part, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree))
+    text = None
+    if t5 is not None:
+        if not (path / "tokenizer").is_dir():
+            raise UserError(f"{path}: has a text encoder but no tokenizer/ folder")
+        text = T5TextEncoder(t5, params.pop("text_encoder"), load_tokenizer(path / "tokenizer"),
+                             config.stdit.model_max_length, with_mask=True)
+    return OpenSoraBackbone(name=name, config=config, params=params, text_encoder=text)
+
+
+register(BackboneSpec(
+    name="opensora-tiny",
+    summary="tiny Open-Sora 1.2 with seeded random weights: a pipeline demo, no real protection",
+    needs_weights=False,
+    load=lambda weights: tiny_backbone(),
+))
+register(BackboneSpec(
+    name="opensora-1.2",
+    summary="hpcai-tech/OpenSora-STDiT-v3 + OpenSora-VAE-v1.2 (51 frames at 480p by default)",
+    needs_weights=True,
+    load=lambda weights: load_converted(weights),
+))
+
+__all__ = ["OpenSoraBackbone", "OpenSoraConfig", "abstract_params", "init_params", "load_converted", "tiny_backbone"]

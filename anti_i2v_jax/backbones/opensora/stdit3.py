@@ -38,6 +38,8 @@ class STDiT3Config:
     qk_norm: bool = True
     input_sq_size: int = 512
     skip_y_embedder: bool = False
+    # Execution switches (not upstream): scan the 28 (spatial, temporal) pairs; rematerialise each block.
+    scan_layers: bool = False
     remat: bool = False
 
     IGNORED = frozenset(
@@ -168,11 +170,12 @@ class STDiT3Block(nn.Module):
 
     config: STDiT3Config
     temporal: bool
+    shape: tuple[int, int]  # (T, S): frames and patches per frame of the token grid
 
     @nn.compact
-    def __call__(self, x, y, y_mask, t_mlp, t0_mlp, x_mask, shape):  # x (B, T*S, C)
+    def __call__(self, x, y, y_mask, t_mlp, t0_mlp, x_mask):  # x (B, T*S, C)
         cfg = self.config
-        t, s = shape
+        t, s = self.shape
         b, _, c = x.shape
         table = self.param("scale_shift_table", nn.initializers.normal(c**-0.5), (6, c))
         # (B, T, 1, 6, C): per-frame modulation, t0 rows where x_mask is False
@@ -254,13 +257,27 @@ class STDiT3(nn.Module):
         self._sow("y_embedder", y)
         y_mask = jnp.asarray(y_mask).astype(bool)
 
-        block = nn.remat(STDiT3Block, static_argnums=(7,)) if cfg.remat else STDiT3Block
-        h = tokens
-        for i in range(cfg.depth):
-            h = block(cfg, False, name=f"spatial_blocks_{i}")(h, y, y_mask, t_mlp, t0_mlp, x_mask, (t_, s))
-            self._sow(f"spatial.{i}", h)
-            h = block(cfg, True, name=f"temporal_blocks_{i}")(h, y, y_mask, t_mlp, t0_mlp, x_mask, (t_, s))
-            self._sow(f"temporal.{i}", h)
+        if cfg.scan_layers:
+            # Parameters of the pairs stacked on a leading layer axis under blocks/pair/{spatial,temporal}.
+            body = nn.remat(_Pair, prevent_cse=False) if cfg.remat else _Pair
+            emit = any(t.startswith(("spatial.", "temporal.")) for t in self.taps)
+            stack = nn.scan(
+                body, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 5, length=cfg.depth,
+            )(cfg, emit, (t_, s), name="blocks")
+            h, ys = stack(tokens, y, y_mask, t_mlp, t0_mlp, x_mask)
+            if ys is not None:  # taps of a scanned stack come back stacked per layer
+                for i in range(cfg.depth):
+                    self._sow(f"spatial.{i}", ys[0][i])
+                    self._sow(f"temporal.{i}", ys[1][i])
+        else:
+            block = nn.remat(STDiT3Block) if cfg.remat else STDiT3Block
+            h = tokens
+            for i in range(cfg.depth):
+                h = block(cfg, False, (t_, s), name=f"spatial_blocks_{i}")(h, y, y_mask, t_mlp, t0_mlp, x_mask)
+                self._sow(f"spatial.{i}", h)
+                h = block(cfg, True, (t_, s), name=f"temporal_blocks_{i}")(h, y, y_mask, t_mlp, t0_mlp, x_mask)
+                self._sow(f"temporal.{i}", h)
 
         out = _FinalLayer(cfg, name="final_layer")(h, t, t0, x_mask, (t_, s))
         # unpatchify "B (Nt Nh Nw) (Tp Hp Wp C) -> B (Nt Tp) (Nh Hp) (Nw Wp) C", then crop the padding
@@ -268,6 +285,30 @@ class STDiT3(nn.Module):
         out = out.reshape(b, t_, h_, w_, pt, ph, pw, co).transpose(0, 1, 4, 2, 5, 3, 6, 7)
         out = out.reshape(b, t_ * pt, h_ * ph, w_ * pw, co)[:, :tx, :hx, :wx]
         return out.astype(jnp.float32)
+
+
+class _Pair(nn.Module):
+    """One (spatial, temporal) pair: the body of the scanned stack; emits both outputs when taps are wanted."""
+
+    config: STDiT3Config
+    emit: bool
+    shape: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, h, y, y_mask, t_mlp, t0_mlp, x_mask):
+        hs = STDiT3Block(self.config, False, self.shape, name="spatial")(h, y, y_mask, t_mlp, t0_mlp, x_mask)
+        ht = STDiT3Block(self.config, True, self.shape, name="temporal")(hs, y, y_mask, t_mlp, t0_mlp, x_mask)
+        return ht, ((hs, ht) if self.emit else None)
+
+
+def stack_pairs(params: dict, depth: int) -> dict:
+    """Looped STDiT3 parameters (``spatial_blocks_i``/``temporal_blocks_i``) -> the ``scan_layers`` layout."""
+    params = dict(params)
+    spatial = [params.pop(f"spatial_blocks_{i}") for i in range(depth)]
+    temporal = [params.pop(f"temporal_blocks_{i}") for i in range(depth)]
+    stack = lambda blocks: jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)  # noqa: E731
+    params["blocks"] = {"spatial": stack(spatial), "temporal": stack(temporal)}
+    return params
 
 
 class _PatchEmbed(nn.Module):

@@ -202,22 +202,31 @@ class T5TextEncoder:
 
     ``tokenizer`` is anything with ``__call__(text) -> {"input_ids": ...}`` (a transformers tokenizer loaded
     from the checkpoint's ``tokenizer/`` folder, or :class:`ByteTokenizer` for the tiny demo). As CogVideoX's
-    pipeline: padded to ``max_length``, truncated, EOS appended, and the encoder runs without a mask.
+    pipeline: padded to ``max_length``, truncated, EOS appended.
+
+    With ``with_mask`` (Open-Sora) the encoder runs with the attention mask and the call returns
+    ``(embeddings, mask)``; without it (CogVideoX) padding tokens are encoded as real tokens.
     """
 
-    def __init__(self, config: T5Config, params, tokenizer, max_length: int):
+    def __init__(self, config: T5Config, params, tokenizer, max_length: int, *, with_mask: bool = False):
         self.config, self.params, self.tokenizer, self.max_length = config, params, tokenizer, max_length
+        self.with_mask = with_mask
         model = T5EncoderModel(config)
-        self._apply = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
+        self._apply = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
 
-    def ids(self, prompt: str) -> np.ndarray:
+    def tokens(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, attention mask), each (max_length,)."""
         out = self.tokenizer(
             prompt, padding="max_length", max_length=self.max_length, truncation=True, add_special_tokens=True
         )
-        return np.asarray(out["input_ids"], np.int32)
+        ids = np.asarray(out["input_ids"], np.int32)
+        mask = np.asarray(out["attention_mask"], np.int32) if "attention_mask" in out else (ids != self.config.pad_token_id)
+        return ids, np.asarray(mask, np.int32)
 
-    def __call__(self, prompt: str) -> np.ndarray:
-        return np.asarray(self._apply(self.params, self.ids(prompt)[None])[0])
+    def __call__(self, prompt: str):
+        ids, mask = self.tokens(prompt)
+        emb = np.asarray(self._apply(self.params, ids[None], mask[None] if self.with_mask else None)[0])
+        return (emb, mask.astype(bool)) if self.with_mask else emb
 
 
 class ByteTokenizer:
@@ -231,7 +240,8 @@ class ByteTokenizer:
 
     def __call__(self, text, padding="max_length", max_length=226, truncation=True, add_special_tokens=True):
         ids = [2 + b % (self.vocab_size - 2) for b in text.encode()][: max_length - 1] + [self.eos_id]
-        return {"input_ids": ids + [self.pad_id] * (max_length - len(ids))}
+        pad = max_length - len(ids)
+        return {"input_ids": ids + [self.pad_id] * pad, "attention_mask": [1] * len(ids) + [0] * pad}
 
 
 def load_tokenizer(path: str | Path):
