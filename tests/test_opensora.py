@@ -109,6 +109,9 @@ def test_adapter_conditions_frame_zero_and_excludes_it_from_the_loss(tiny):
     x = jnp.asarray(np.random.default_rng(1).random((64, 80, 3)), jnp.float32)
     cond, taps = tiny.condition(tiny.params, x, None, vae_layers=tiny.layers.vae_layers + ("latent",))
     assert set(taps) == {*tiny.layers.vae_layers, "latent"}
+    lean, _ = tiny.condition(tiny.attack_params, x, None)  # no decoders: the same condition
+    np.testing.assert_array_equal(lean["image_latent"], cond["image_latent"])
+    assert "decoder" not in tiny.attack_params["vae"]["spatial_vae"]
     noisy = tiny.add_noise(tiny.params, cond, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(noisy.z_t[0], cond["video_latents"][0])  # the conditioning frame is clean
     assert not np.allclose(noisy.z_t[1:], cond["video_latents"][1:])

@@ -52,7 +52,7 @@ class OpenSoraConfig:
 
 def opensora_v1_2(**overrides: Any) -> OpenSoraConfig:
     """hpcai-tech/OpenSora-STDiT-v3 + OpenSora-VAE-v1.2 (SDXL spatial VAE + VAE_Temporal_SD)."""
-    return OpenSoraConfig(stdit=STDiT3Config(), vae=VideoVAEConfig(), **overrides)
+    return OpenSoraConfig(**{"stdit": STDiT3Config(), "vae": VideoVAEConfig(), **overrides})
 
 
 def tiny(**overrides: Any) -> OpenSoraConfig:
@@ -101,6 +101,14 @@ class OpenSoraBackbone:
     @property
     def model_size(self) -> tuple[int, int]:
         return (self.config.height, self.config.width)
+
+    @functools.cached_property
+    def attack_params(self) -> dict:
+        """What a protection step needs: the two VAE encoders (no decoders) and STDiT3."""
+        vae = self.params["vae"]
+        keep = {part: {k: v for k, v in vae[part].items() if k in ("encoder", "quant_conv")}
+                for part in ("spatial_vae", "temporal_vae")}
+        return {"vae": keep, "stdit": self.params["stdit"]}
 
     @functools.cached_property
     def x_mask(self) -> np.ndarray:
