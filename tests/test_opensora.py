@@ -50,6 +50,15 @@ def test_dry_run_maps_every_full_size_tensor(tmp_path, capsys):
     assert convert_main.main(["opensora", "--stdit", str(tmp_path / "stdit3"), "--vae", str(tmp_path / "vae"), "--dry-run"]) == 0
     # 973 - rope.freqs and 517 - (shift, scale): recomputed / checked, not stored
     assert capsys.readouterr().out.strip() == "mapped 1487 tensors, ignored 3, missing 0, unexpected 0"
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({
+        "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "vocab_size": 32128,
+        "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True, "model_type": "t5",
+    }))
+    write_header_only(tmp_path / "t5" / "model.safetensors", read_keys("t5_v1_1_xxl_encoder_keys.txt"))
+    assert convert_main.main(["opensora", "--stdit", str(tmp_path / "stdit3"), "--vae", str(tmp_path / "vae"),
+                              "--t5", str(tmp_path / "t5"), "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == "mapped 1706 tensors, ignored 4, missing 0, unexpected 0"
 
 
 @needs_keys
@@ -143,3 +152,16 @@ def test_protect_runs_end_to_end_on_opensora_tiny(tmp_path, capsys):
     assert 0 < np.abs(out.astype(int) - original.astype(int)).max() <= 16
     report = json.loads((tmp_path / "astronaut_report.json").read_text())
     assert report["backbone"] == "opensora-tiny" and len(report["history"]["dm"]) == 20
+
+
+def test_generate_on_opensora_tiny(tmp_path, capsys):
+    from pathlib import Path
+
+    from PIL import Image
+
+    from anti_i2v_jax import cli
+
+    src = Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"
+    assert cli.main(["generate", str(src), "--prompt", "a person", "--backbone", "opensora-tiny", "--steps", "2",
+                     "--out", str(tmp_path)]) == 0
+    assert Image.open(tmp_path / "astronaut_video.gif").size == (64, 64)
