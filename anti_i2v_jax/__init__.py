@@ -4,8 +4,8 @@ from anti_i2v_jax.attack import (
     METHODS,
     TERMS,
     AttackConfig,
-    ProtectResult,
     Protector,
+    ProtectResult,
     protect,
     protect_batch,
 )

@@ -102,7 +102,11 @@ class PeakRSS:
 
 def worker_torch(folder: Path, repeats: int) -> dict:
     import torch
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXTransformer3DModel,
+    )
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -151,11 +155,15 @@ def worker_jax(folder: Path, repeats: int) -> dict:
 
     from anti_i2v_jax.backbones.cogvideox import scheduler
     from anti_i2v_jax.backbones.cogvideox.config import SchedulerConfig
-    from anti_i2v_jax.backbones.cogvideox.transformer import CogVideoXTransformer3DModel, rotary_embedding
-    from anti_i2v_jax.backbones.cogvideox.vae import AutoencoderKLCogVideoX
+    from anti_i2v_jax.backbones.cogvideox.transformer import (
+        CogVideoXTransformer3DModel,
+        rotary_embedding,
+    )
+    from anti_i2v_jax.backbones.cogvideox.vae import (
+        AutoencoderKLCogVideoX,
+        image_encoder_params,
+    )
     from weights_convert.cogvideox import load_diffusers
-
-    from anti_i2v_jax.backbones.cogvideox.vae import image_encoder_params
 
     config, _, host_params, _ = load_diffusers(folder, with_text=False)
     # What the attack holds (CogVideoXBackbone.attack_params): the image encoder with its temporal taps

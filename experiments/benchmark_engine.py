@@ -22,7 +22,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from anti_i2v_jax import AttackConfig, Protector, load_image
 from anti_i2v_jax.backbones.base import Noisy, to_signed
@@ -97,8 +96,8 @@ def main() -> None:
     print()
     print(f"backbone {backbone.name}, image {image.shape[1]}x{image.shape[0]}, {config.steps} steps, "
           f"schedule {config.schedule}, device {jax.devices()[0].device_kind}")
-    print(f"| run | median ms/step | first run s (incl. compile) |")
-    print(f"|---|---|---|")
+    print("| run | median ms/step | first run s (incl. compile) |")
+    print("|---|---|---|")
     print(f"| full step ({backbone.name}) | {full * 1e3:.2f} | {full_first:.1f} |")
     print(f"| engine only (null backbone) | {engine * 1e3:.2f} | {engine_first:.1f} |")
     print(f"| engine share of a step | {100 * engine / full:.1f}% | target < 5% |")

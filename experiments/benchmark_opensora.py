@@ -24,7 +24,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from benchmark_cogvideox import PeakRSS, release_freed_memory  # noqa: E402
 
-from anti_i2v_jax.backbones.opensora.backbone import OpenSoraBackbone, init_params, opensora_v1_2  # noqa: E402
+from anti_i2v_jax.backbones.opensora.backbone import (  # noqa: E402
+    OpenSoraBackbone,
+    init_params,
+    opensora_v1_2,
+)
 from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3Config  # noqa: E402
 
 

@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anti_i2v_jax.backbones.base import LayerDefaults, Noisy, resize_center_crop, to_signed
+from anti_i2v_jax.backbones.base import (
+    LayerDefaults,
+    Noisy,
+    resize_center_crop,
+    to_signed,
+)
 
 FRAMES = 3
 LATENT_CHANNELS = 4

@@ -5,9 +5,17 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-
-from anti_i2v_jax import METHODS, AttackConfig, NonFiniteError, Protector, UserError, protect, protect_batch
 from double import TinyBackbone
+
+from anti_i2v_jax import (
+    METHODS,
+    AttackConfig,
+    NonFiniteError,
+    Protector,
+    UserError,
+    protect,
+    protect_batch,
+)
 
 FAST = AttackConfig(steps=6, chunk_size=3, checkpoint_every=3)
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from fixtures import case_dirs
+from headers import KEYS, needs_keys, read_keys, write_header_only
 
 from anti_i2v_jax.backbones.cogvideox import config as configs
 from anti_i2v_jax.errors import UserError
-from fixtures import case_dirs
-from headers import KEYS, needs_keys, read_keys, write_header_only
 from weights_convert import __main__ as convert_main
 from weights_convert import cogvideox as conv
+
 
 def build_folder(root: Path, variant: str) -> tuple[Path, int, int]:
     """A diffusers folder of header-only files with the full-size key lists; returns (path, mapped, ignored)."""

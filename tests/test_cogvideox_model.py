@@ -12,7 +12,10 @@ import pytest
 from anti_i2v_jax.backbones.cogvideox import config as configs
 from anti_i2v_jax.backbones.cogvideox import tiny_backbone
 from anti_i2v_jax.backbones.cogvideox.backbone import init_params
-from anti_i2v_jax.backbones.cogvideox.transformer import CogVideoXTransformer3DModel, block_taps
+from anti_i2v_jax.backbones.cogvideox.transformer import (
+    CogVideoXTransformer3DModel,
+    block_taps,
+)
 
 
 def _stack_blocks(params, n):
@@ -128,7 +131,10 @@ def test_generate_writes_a_video_and_a_frame_grid(tmp_path, capsys):
 
 
 def test_image_encoder_params_encode_images_exactly_and_refuse_videos():
-    from anti_i2v_jax.backbones.cogvideox.vae import AutoencoderKLCogVideoX, image_encoder_params
+    from anti_i2v_jax.backbones.cogvideox.vae import (
+        AutoencoderKLCogVideoX,
+        image_encoder_params,
+    )
 
     bb = tiny_backbone()
     taps = ("conv_in", "down_blocks.1", "mid_block", "conv_out")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from fixtures import assert_close, load_case, output_params
+
 from weights_convert import cogvideox as convert_cogvideox
 
 # (B, C, T, H, W) <-> (B, T, H, W, C), and the transformer's (B, F, C, H, W) <-> (B, F, H, W, C)
@@ -61,7 +60,10 @@ def cogvideox_outputs(case) -> dict[str, np.ndarray]:
     out["x_t"], out["v_target"] = tr_out(x_t), tr_out(scheduler.get_velocity(ac, x0, noise, t))
 
     layers = tuple(range(config.transformer.num_layers))
-    from anti_i2v_jax.backbones.cogvideox.transformer import CogVideoXTransformer3DModel, block_taps
+    from anti_i2v_jax.backbones.cogvideox.transformer import (
+        CogVideoXTransformer3DModel,
+        block_taps,
+    )
 
     model = CogVideoXTransformer3DModel(config.transformer, taps=layers)
     sample, state = model.apply(
@@ -105,8 +107,8 @@ def test_cogvideox_matches_diffusers(case, output):
 
 @functools.cache
 def t5_outputs(case) -> dict[str, np.ndarray]:
-    from anti_i2v_jax.backbones.cogvideox.config import read_json
     from anti_i2v_jax.backbones.text.t5 import T5Config, T5EncoderModel, t5_taps
+    from anti_i2v_jax.configs import read_json
     from weights_convert.core import SafetensorsSource, convert
 
     _, inp, _ = load_case(case)

@@ -54,9 +54,16 @@ def pipeline(request, tmp_path_factory):
 
 
 def test_transformer_and_taps_match(pipeline):
-    from anti_i2v_jax.backbones.cogvideox.transformer import CogVideoXTransformer3DModel, block_taps, rotary_embedding
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import get_resize_crop_region_for_grid
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import (
+        get_resize_crop_region_for_grid,
+    )
+
+    from anti_i2v_jax.backbones.cogvideox.transformer import (
+        CogVideoXTransformer3DModel,
+        block_taps,
+        rotary_embedding,
+    )
 
     variant, tr, _, config, params = pipeline
     cfg = config.transformer

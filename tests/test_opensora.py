@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from headers import needs_keys, read_keys, write_header_only
 
 from anti_i2v_jax.backbones.opensora import tiny_backbone
 from anti_i2v_jax.backbones.opensora.backbone import abstract_params, opensora_v1_2
 from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3, stack_pairs
-from headers import needs_keys, read_keys, write_header_only
 from weights_convert import __main__ as convert_main
 from weights_convert import opensora as conv
 from weights_convert.core import DictSource, convert
@@ -165,3 +165,20 @@ def test_generate_on_opensora_tiny(tmp_path, capsys):
     assert cli.main(["generate", str(src), "--prompt", "a person", "--backbone", "opensora-tiny", "--steps", "2",
                      "--out", str(tmp_path)]) == 0
     assert Image.open(tmp_path / "astronaut_video.gif").size == (64, 64)
+
+
+def test_convert_then_load_round_trips(tmp_path, capsys):
+    from fixtures import case_dirs
+
+    from anti_i2v_jax.backbones.opensora import load_converted
+
+    cases = case_dirs("opensora")
+    if not cases:
+        pytest.skip("set ANTI_I2V_FIXTURES")
+    case = cases[0]
+    assert convert_main.main(["opensora", "--stdit", str(case / "stdit3"), "--vae", str(case / "vae"),
+                              "--dst", str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    backbone = load_converted(tmp_path / "out")
+    _, _, direct, _ = conv.load(case / "stdit3", case / "vae")
+    for a, b in zip(jax.tree.leaves(backbone.params), jax.tree.leaves(direct)):
+        np.testing.assert_array_equal(np.asarray(a), b)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from fixtures import assert_close, load_case, output_params
 
 tr = lambda a: np.asarray(a).transpose(0, 2, 3, 4, 1)  # noqa: E731  (B, C, T, H, W) -> (B, T, H, W, C)

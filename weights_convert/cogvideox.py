@@ -20,9 +20,9 @@ from anti_i2v_jax.backbones.cogvideox.config import (
     TransformerConfig,
     VAEConfig,
     config_to_json,
-    read_json,
 )
 from anti_i2v_jax.backbones.text.t5 import T5Config, T5EncoderModel
+from anti_i2v_jax.configs import read_json
 from anti_i2v_jax.errors import UserError
 from weights_convert.core import TORCH, Report, Rule, SafetensorsSource, convert
 

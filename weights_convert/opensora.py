@@ -22,7 +22,13 @@ from anti_i2v_jax.backbones.text.t5 import T5Config
 from anti_i2v_jax.configs import read_json
 from anti_i2v_jax.errors import UserError
 from anti_i2v_jax.nn.autoencoder_kl import AutoencoderKLConfig
-from weights_convert.cogvideox import T5_IGNORED, T5_RULES, check_destination, t5_abstract, write_atomically
+from weights_convert.cogvideox import (
+    T5_IGNORED,
+    T5_RULES,
+    check_destination,
+    t5_abstract,
+    write_atomically,
+)
 from weights_convert.core import TORCH, Report, Rule, SafetensorsSource, convert
 
 STDIT_RULES = [Rule(r".*", TORCH)]

@@ -93,6 +93,30 @@ class Backbone(Protocol):
         ...
 
 
+def default_min_input_side(model_size: tuple[int, int]) -> int:
+    """Inputs whose shorter side is under a quarter of the model's (and under 16 px) are refused."""
+    return max(16, min(model_size) // 4)
+
+
+def restore_converted(path, abstract: dict, dtype) -> dict:
+    """Converted weights (``params/<component>`` orbax checkpoints written by ``weights_convert``) as
+    ``{component: tree}``, restored onto ``abstract`` with every leaf in ``dtype``."""
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+
+    from anti_i2v_jax.errors import UserError
+
+    checkpointer = ocp.StandardCheckpointer()
+    params = {}
+    for part, tree in abstract.items():
+        folder = Path(path) / "params" / part
+        if not folder.is_dir():
+            raise UserError(f"{path}: missing params/{part}; convert again with python -m weights_convert")
+        params[part] = checkpointer.restore(folder, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree))
+    return params
+
+
 def resize_center_crop(x: jax.Array, size: tuple[int, int], method: str = "linear") -> jax.Array:
     """Differentiably resize ``(H, W, C)`` to cover ``size`` keeping the aspect ratio, then centre-crop to it."""
     h, w = x.shape[-3:-1]

@@ -8,8 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from anti_i2v_jax.backbones.cogvideox import config as configs
-from anti_i2v_jax.backbones.cogvideox.backbone import CogVideoXBackbone, abstract_params, init_params
+from anti_i2v_jax.backbones.cogvideox.backbone import (
+    CogVideoXBackbone,
+    abstract_params,
+    init_params,
+)
 from anti_i2v_jax.backbones.registry import BackboneSpec, register
+from anti_i2v_jax.configs import read_json
 from anti_i2v_jax.errors import UserError
 
 TINY_T5 = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=80, num_layers=2, num_heads=4)
@@ -20,7 +25,12 @@ def tiny_backbone(seed: int = 0) -> CogVideoXBackbone:
 
     A pipeline demo: it exercises every part of the attack in seconds and gives no real protection.
     """
-    from anti_i2v_jax.backbones.text.t5 import ByteTokenizer, T5Config, T5EncoderModel, T5TextEncoder
+    from anti_i2v_jax.backbones.text.t5 import (
+        ByteTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TextEncoder,
+    )
     from anti_i2v_jax.nn.init import seeded_params
 
     config = configs.tiny()
@@ -34,12 +44,17 @@ def tiny_backbone(seed: int = 0) -> CogVideoXBackbone:
 
 def load_converted(path: str | Path, name: str | None = None, expect_variant: str | None = None) -> CogVideoXBackbone:
     """A backbone from a folder written by ``python -m weights_convert cogvideox``."""
-    import orbax.checkpoint as ocp
-
-    from anti_i2v_jax.backbones.text.t5 import T5Config, T5EncoderModel, T5TextEncoder, load_tokenizer
+    from anti_i2v_jax.backbones.base import restore_converted
+    from anti_i2v_jax.backbones.text.t5 import (
+        T5Config,
+        T5EncoderModel,
+        T5TextEncoder,
+        load_tokenizer,
+    )
 
     path = Path(path).expanduser().absolute()
-    config, t5_raw, variant = configs.config_from_json(configs.read_json(path / "config.json"), str(path / "config.json"))
+    raw = read_json(path / "config.json")
+    config, t5_raw, variant = configs.config_from_json(raw, str(path / "config.json"))
     if expect_variant is not None and variant != expect_variant:
         raise UserError(f"{path} holds {variant} weights, not {expect_variant}; use --backbone {variant}")
     abstract = abstract_params(config)
@@ -49,14 +64,8 @@ def load_converted(path: str | Path, name: str | None = None, expect_variant: st
         abstract["text_encoder"] = jax.eval_shape(
             T5EncoderModel(t5).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
         )["params"]
-    dtype = jnp.bfloat16 if configs.read_json(path / "config.json").get("dtype") == "bfloat16" else jnp.float32
-    checkpointer = ocp.StandardCheckpointer()
-    params = {}
-    for part, tree in abstract.items():  # one orbax checkpoint per component
-        if not (path / "params" / part).is_dir():
-            raise UserError(f"{path}: missing params/{part}; convert again with python -m weights_convert")
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree)
-        params[part] = checkpointer.restore(path / "params" / part, target)
+    dtype = jnp.bfloat16 if raw.get("dtype") == "bfloat16" else jnp.float32
+    params = restore_converted(path, abstract, dtype)
     text = None
     if t5 is not None:
         if not (path / "tokenizer").is_dir():

@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anti_i2v_jax.backbones.base import LayerDefaults, Noisy, resize_center_crop, to_signed
+from anti_i2v_jax.backbones.base import (
+    LayerDefaults,
+    Noisy,
+    default_min_input_side,
+    resize_center_crop,
+    to_signed,
+)
 from anti_i2v_jax.backbones.cogvideox import scheduler
 from anti_i2v_jax.backbones.cogvideox.config import CogVideoXConfig
 from anti_i2v_jax.backbones.cogvideox.transformer import (
@@ -34,7 +40,11 @@ from anti_i2v_jax.backbones.cogvideox.transformer import (
     rotary_embedding,
     sincos_pos_embedding,
 )
-from anti_i2v_jax.backbones.cogvideox.vae import AutoencoderKLCogVideoX, image_encoder_params, sample_posterior
+from anti_i2v_jax.backbones.cogvideox.vae import (
+    AutoencoderKLCogVideoX,
+    image_encoder_params,
+    sample_posterior,
+)
 from anti_i2v_jax.nn.init import seeded_params
 
 
@@ -65,7 +75,7 @@ class CogVideoXBackbone:
         if self.layers is None:
             object.__setattr__(self, "layers", default_layers(self.config))
         if not self.min_input_side:
-            object.__setattr__(self, "min_input_side", max(16, min(self.config.height, self.config.width) // 4))
+            object.__setattr__(self, "min_input_side", default_min_input_side(self.model_size))
 
     # ------------------------------------------------------------------------------ geometry
 
@@ -192,7 +202,10 @@ class CogVideoXBackbone:
         seed: int = 0,
     ) -> np.ndarray:
         """Image-to-video as the diffusers pipeline (posterior-mean image latents): uint8 frames (T, H, W, 3)."""
-        from anti_i2v_jax.backbones.cogvideox.sampler import decode_latents, denoise_latents
+        from anti_i2v_jax.backbones.cogvideox.sampler import (
+            decode_latents,
+            denoise_latents,
+        )
 
         x = jnp.asarray(np.asarray(image, np.float32) / 255.0)
         cond, _ = jax.jit(lambda p, v: self.condition(p, v, None))(self.params, x)

@@ -10,7 +10,6 @@ import dataclasses
 from typing import Any
 
 from anti_i2v_jax.configs import parse_config
-from anti_i2v_jax.configs import read_json
 from anti_i2v_jax.errors import UserError
 
 

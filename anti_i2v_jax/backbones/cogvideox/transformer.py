@@ -17,7 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from anti_i2v_jax.backbones.cogvideox.config import TransformerConfig
-from anti_i2v_jax.nn.embeddings import apply_interleaved_rope, sincos_1d, timestep_embedding
+from anti_i2v_jax.nn.embeddings import (
+    apply_interleaved_rope,
+    sincos_1d,
+    timestep_embedding,
+)
 
 
 def _layer_norm(eps: float, name: str) -> nn.LayerNorm:

@@ -46,8 +46,7 @@ def load_converted(path: str | Path, name: str = "opensora-1.2") -> OpenSoraBack
     """A backbone from a folder written by ``python -m weights_convert opensora`` (T5 needed for prompts)."""
     import dataclasses
 
-    import orbax.checkpoint as ocp
-
+    from anti_i2v_jax.backbones.base import restore_converted
     from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3Config
     from anti_i2v_jax.backbones.opensora.vae import TemporalVAEConfig, VideoVAEConfig
     from anti_i2v_jax.backbones.text.t5 import T5Config, T5TextEncoder, load_tokenizer
@@ -73,12 +72,7 @@ def load_converted(path: str | Path, name: str = "opensora-1.2") -> OpenSoraBack
     if t5 is not None:
         abstract["text_encoder"] = _t5_abstract(t5)
     dtype = jnp.bfloat16 if raw.get("dtype") == "bfloat16" else jnp.float32
-    checkpointer = ocp.StandardCheckpointer()
-    params = {}
-    for part, tree in abstract.items():
-        if not (path / "params" / part).is_dir():
-            raise UserError(f"{path}: missing params/{part}; convert again with python -m weights_convert")
-        params[part] = checkpointer.restore(path / "params" / part, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree))
+    params = restore_converted(path, abstract, dtype)
     text = None
     if t5 is not None:
         if not (path / "tokenizer").is_dir():

@@ -23,7 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anti_i2v_jax.backbones.base import LayerDefaults, Noisy, resize_center_crop, to_signed
+from anti_i2v_jax.backbones.base import (
+    LayerDefaults,
+    Noisy,
+    default_min_input_side,
+    resize_center_crop,
+    to_signed,
+)
 from anti_i2v_jax.backbones.opensora import rflow
 from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3, STDiT3Config
 from anti_i2v_jax.backbones.opensora.vae import VideoAutoencoder, VideoVAEConfig
@@ -96,7 +102,7 @@ class OpenSoraBackbone:
         if self.layers is None:
             object.__setattr__(self, "layers", default_layers(self.config))
         if not self.min_input_side:
-            object.__setattr__(self, "min_input_side", max(16, min(self.config.height, self.config.width) // 4))
+            object.__setattr__(self, "min_input_side", default_min_input_side(self.model_size))
 
     @property
     def model_size(self) -> tuple[int, int]:
