@@ -31,6 +31,7 @@ TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[tuple]
     "conv2d": (lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[2], s[3], s[1], s[0])),  # OIHW -> HWIO
     "conv3d": (lambda a: a.transpose(2, 3, 4, 1, 0), lambda s: (s[2], s[3], s[4], s[1], s[0])),  # OITHW -> THWIO
     "squeeze0": (lambda a: a[0], lambda s: tuple(s[1:])),  # (1, ...) buffers
+    "conv1x1_linear": (lambda a: a[:, :, 0, 0].T, lambda s: (s[1], s[0])),  # 1x1 Conv2d used as a Linear
 }
 
 
@@ -64,7 +65,9 @@ class Rule:
     pattern: str
     target: str
     transform: str = "identity"
-    sub: tuple[str, str] | None = None  # for TORCH rules: a regex substitution applied to the key first
+    # For TORCH rules: regex substitutions applied to the key, in order, before the generic rename; a
+    # transform other than "identity" overrides the one inferred from the rank.
+    sub: tuple[tuple[str, str], ...] | tuple[str, str] | None = None
 
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
@@ -172,6 +175,111 @@ class SafetensorsSource:
         return list(self.tensors)
 
 
+# Globals a checkpoint may name when torch's weights_only loader refuses it: the tensor rebuild machinery
+# and plain containers are loaded; classes of these data-only modules become inert placeholders (their
+# fields are kept as data, no code of theirs runs); anything else is refused.
+_INERT_MODULE_PREFIXES = ("omegaconf", "pytorch_lightning", "lightning", "lightning_fabric", "argparse", "typing")
+
+
+class _Inert:
+    """Stands in for a non-tensor object of a checkpoint (hyper-parameters, callbacks): data only."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __call__(self, *args, **kwargs):  # some pickles call what a global rebuilds
+        return _Inert(*args, **kwargs)
+
+
+def _restricted_pickle_module():
+    """A ``pickle``-like module whose Unpickler loads tensors and plain data, and refuses other globals."""
+    import pickle
+    import types
+
+    import torch
+
+    safe = {
+        ("collections", "OrderedDict"), ("collections", "defaultdict"), ("builtins", "set"),
+        ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
+        ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+        ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "dtype"),
+        ("torch", "device"), ("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage"),
+    }
+    safe |= {("torch", name) for name in dir(torch) if name.endswith("Storage")}
+    safe |= {("torch", name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool")}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in safe:
+                return super().find_class(module, name)
+            if module.startswith(_INERT_MODULE_PREFIXES):
+                return type(name, (_Inert,), {"__module__": "weights_convert.inert"})
+            raise UserError(
+                f"the checkpoint refers to {module}.{name}, which could run code when loaded; refused. "
+                f"Only tensors and plain data are read (re-save it with torch.save(model.state_dict()))"
+            )
+
+    mod = types.ModuleType("restricted_pickle")
+    mod.Unpickler = Unpickler
+    mod.load = lambda f, **kw: Unpickler(f, **kw).load()
+    mod.__name__ = "restricted_pickle"
+    return mod
+
+
+class TorchCheckpointSource:
+    """A PyTorch / Lightning checkpoint (``.ckpt``, ``.pt``): the tensors of its ``state_dict``.
+
+    Read with ``torch.load(weights_only=True, mmap=True)``; when that refuses other objects in the file
+    (Lightning hyper-parameters, callbacks), a restricted unpickler loads the tensors and turns known
+    data-only classes into inert placeholders. A reference to anything that could run code is refused.
+    """
+
+    def __init__(self, path: str | Path, prefix: str = ""):
+        try:
+            import torch
+        except ImportError:
+            raise UserError(f"{path}: reading .ckpt files needs torch: pip install -e '.[torch]'") from None
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        self.path = path
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except UserError:
+            raise
+        except Exception as first:  # weights_only refused something: retry with the restricted reader
+            import pickle
+
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
+            except UserError:
+                raise
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+                raise UserError(f"{path}: not a readable PyTorch checkpoint ({e}; first attempt: {first})") from None
+        state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(state, dict):
+            raise UserError(f"{path}: holds no state_dict of tensors")
+        self._t = {
+            k[len(prefix):]: v for k, v in state.items()
+            if isinstance(v, torch.Tensor) and k.startswith(prefix)
+        }
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t[key].shape)
+
+    def load(self, key: str) -> np.ndarray:
+        t = self._t[key].detach()
+        if t.dtype.is_floating_point and t.dtype not in (__import__("torch").float32, __import__("torch").float64):
+            t = t.float()  # bfloat16 / float16 have no exact numpy view through torch; float32 holds them exactly
+        return t.numpy()
+
+
 class DictSource:
     """Tensors already in memory (e.g. from a torch state dict converted to numpy)."""
 
@@ -235,8 +343,15 @@ def plan(
             m = regex.fullmatch(key)
             if m:
                 if rule.target == TORCH:
-                    renamed = re.sub(rule.sub[0], rule.sub[1], key) if rule.sub else key
+                    subs = rule.sub or ()
+                    if subs and isinstance(subs[0], str):
+                        subs = (subs,)
+                    renamed = key
+                    for pattern, repl in subs:
+                        renamed = re.sub(pattern, repl, renamed)
                     target, transform = torch_to_flax(renamed, len(shapes[key]))
+                    if rule.transform != "identity":
+                        target, transform = target.rsplit("/", 1)[0] + "/kernel", rule.transform
                 else:
                     target, transform = m.expand(rule.target), rule.transform
                 if target in mapping:
