@@ -8,9 +8,9 @@ import functools
 import jax
 import numpy as np
 import pytest
+from fixtures import assert_close, case_dirs, load_case
 
 from anti_i2v_jax.errors import UserError
-from fixtures import assert_close, case_dirs, load_case
 
 torch = pytest.importorskip("torch", reason="reading .ckpt files needs the torch extra")
 
@@ -61,10 +61,10 @@ def test_lightning_style_metadata_becomes_inert(tmp_path):
 
 @functools.cache
 def vae_outputs(case, file_name) -> dict[str, np.ndarray]:
-    from anti_i2v_jax.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-    from weights_convert.core import SafetensorsSource, TorchCheckpointSource, convert
     import yaml
 
+    from anti_i2v_jax.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from weights_convert.core import SafetensorsSource, TorchCheckpointSource, convert
     from weights_convert.dynamicrafter import ldm_vae_rules
 
     ddconfig = yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
