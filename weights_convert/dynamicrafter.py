@@ -32,3 +32,39 @@ def ldm_vae_rules(num_levels: int, prefix: str = "first_stage_model.") -> list[R
         Rule(rf"{p}.*\.mid\.attn_1\.(q|k|v|proj_out)\.weight", TORCH, "conv1x1_linear", sub=tuple(subs)),
         Rule(rf"{p}.*", TORCH, sub=tuple(subs)),
     ]
+
+
+RESAMPLER_RULES = [
+    Rule(
+        r"image_proj_model\..*",
+        TORCH,
+        sub=(
+            (r"^image_proj_model\.", ""),
+            (r"^layers\.(\d+)\.0\.", r"layers_\1.attn."),
+            (r"^layers\.(\d+)\.1\.0\.", r"layers_\1.ff.norm."),
+            (r"^layers\.(\d+)\.1\.1\.", r"layers_\1.ff.fc1."),
+            (r"^layers\.(\d+)\.1\.3\.", r"layers_\1.ff.fc2."),
+        ),
+    )
+]
+
+
+def clip_text_rules(layers: int, skip_last: int = 1, prefix: str = "cond_stage_model.model.") -> tuple[list[Rule], list[str]]:
+    """OpenCLIP text tower (penultimate): rules, and the keys that exist upstream but are not used."""
+    p = prefix.replace(".", r"\.")
+    unused = [rf"{p}transformer\.resblocks\.{i}\..*" for i in range(layers - skip_last, layers)]
+    unused += [rf"{p}text_projection", rf"{p}logit_scale"]
+    rules = [
+        Rule(rf"{p}token_embedding\.weight", "token_embedding/embedding"),
+        Rule(rf"{p}.*", TORCH, sub=(rf"^{p}", "")),
+    ]
+    return rules, unused
+
+
+def clip_vision_rules(prefix: str = "embedder.model.") -> tuple[list[Rule], list[str]]:
+    """OpenCLIP vision tower as the V2 image embedder uses it; the text parts, ln_post and proj are unused."""
+    p = prefix.replace(".", r"\.")
+    unused = [rf"{p}visual\.ln_post\..*", rf"{p}visual\.proj", rf"{p}token_embedding\.weight",
+              rf"{p}positional_embedding", rf"{p}ln_final\..*", rf"{p}text_projection", rf"{p}logit_scale",
+              rf"{p}transformer\..*"]
+    return [Rule(rf"{p}visual\..*", TORCH, sub=(rf"^{p}visual\.", ""))], unused

@@ -1,0 +1,75 @@
+"""OpenCLIP's transformer (``open_clip.transformer.Transformer``, v2.22) in Flax, batch first.
+
+Pre-LN residual blocks: ``x + out_proj(MHA(ln_1 x))`` then ``x + c_proj(GELU(c_fc(ln_2 x)))``, LayerNorm eps
+1e-5, exact GELU. The packed ``in_proj_weight`` (3W, W) keeps PyTorch's layout and name, so a checkpoint
+loads by rename only. Block outputs are sown as ``tap:i`` when asked for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class MultiheadAttention(nn.Module):
+    """``torch.nn.MultiheadAttention`` (packed q/k/v projection, additive mask)."""
+
+    width: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, mask=None):  # (B, L, W)
+        w, h = self.width, self.heads
+        in_w = self.param("in_proj_weight", nn.initializers.lecun_normal(), (3 * w, w))
+        in_b = self.param("in_proj_bias", nn.initializers.zeros, (3 * w,))
+        b, n, _ = x.shape
+        qkv = x @ in_w.T + in_b  # (B, L, 3W), [q | k | v]
+        q, k, v = (t.reshape(b, n, h, w // h) for t in jnp.split(qkv, 3, axis=-1))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q / math.sqrt(w // h), k)
+        if mask is not None:
+            scores = scores + mask
+        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, n, w)
+        return nn.Dense(w, name="out_proj")(out)
+
+
+class Transformer(nn.Module):
+    """``layers`` residual blocks; ``run`` of them are executed (the text tower's "penultimate" runs L - 1)."""
+
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float = 4.0
+    taps: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, x, mask=None, run: int | None = None):
+        for i in range(self.layers if run is None else run):
+            x = _Block(self.width, self.heads, self.mlp_ratio, name=f"resblocks_{i}")(x, mask)
+            if i in self.taps:
+                self.sow("intermediates", f"tap:{i}", x)
+        return x
+
+
+class _Block(nn.Module):
+    width: int
+    heads: int
+    mlp_ratio: float
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)  # noqa: E731
+        x = x + MultiheadAttention(self.width, self.heads, name="attn")(ln("ln_1")(x), mask)
+        return x + _Mlp(self.width, self.mlp_ratio, name="mlp")(ln("ln_2")(x))
+
+
+class _Mlp(nn.Module):
+    width: int
+    mlp_ratio: float
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(int(self.width * self.mlp_ratio), name="c_fc")(x), approximate=False)
+        return nn.Dense(self.width, name="c_proj")(h)
