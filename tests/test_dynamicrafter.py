@@ -115,3 +115,89 @@ def test_first_stage_vae_matches_upstream(file_name, output):
         meta, _, expected = load_case(case)
         if output in expected:
             assert_close(vae_outputs(case, file_name)[output], expected[output], meta["tolerance"], f"{case.name}: {output}")
+
+
+@functools.cache
+def conditioning_outputs(case, file_name) -> dict[str, np.ndarray]:
+    """CLIP preprocessing, the OpenCLIP towers and the Resampler, from the case's own config.yaml."""
+    import yaml
+
+    from anti_i2v_jax.backbones.dynamicrafter.image_encoder import (
+        VisionConfig,
+        VisionTower,
+        clip_preprocess,
+    )
+    from anti_i2v_jax.backbones.dynamicrafter.resampler import (
+        Resampler,
+        ResamplerConfig,
+    )
+    from anti_i2v_jax.backbones.text.openclip_text import TextConfig, TextTower
+    from weights_convert.core import SafetensorsSource, TorchCheckpointSource, convert
+    from weights_convert.dynamicrafter import (
+        RESAMPLER_RULES,
+        clip_text_rules,
+        clip_vision_rules,
+    )
+
+    params_cfg = yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]
+    arch = params_cfg["cond_stage_config"]["params"]["arch"]
+    vision = VisionConfig(**arch["vision_cfg"])
+    text = TextConfig(**arch["text_cfg"])
+    resampler = ResamplerConfig(**params_cfg["image_proj_stage_config"]["params"])
+    _, inp, _ = load_case(case)
+    path = case / file_name
+    source = TorchCheckpointSource(path) if path.suffix == ".ckpt" else SafetensorsSource(path)
+
+    def part(prefix):
+        class Part:
+            def keys(self):
+                return [k for k in source.keys() if k.startswith(prefix)]
+
+            shape, load = staticmethod(source.shape), staticmethod(source.load)
+
+        return Part()
+
+    nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731
+    out = {}
+    vt, tt, rs = VisionTower(vision, taps=tuple(range(vision.layers))), TextTower(text, taps=tuple(range(text.layers))), Resampler(resampler)
+    img = clip_preprocess(inp["image"].transpose(0, 2, 3, 1))
+    rules, unused = clip_vision_rules()
+    pv, _ = convert(part("embedder."), rules, jax.eval_shape(lambda: vt.init(jax.random.PRNGKey(0), img))["params"], ignore=unused)
+    rules, unused = clip_text_rules(text.layers)
+    pt, _ = convert(part("cond_stage_model."), rules,
+                    jax.eval_shape(lambda: tt.init(jax.random.PRNGKey(0), inp["text_tokens"]))["params"], ignore=unused)
+    out["clip_image.preprocessed"] = nchw(img)
+    tokens, st = vt.apply({"params": pv}, img, mutable=["intermediates"])
+    out["clip_image.tokens"] = np.asarray(tokens)
+    for i in range(vision.layers):
+        out[f"clip_image.block.{i}"] = np.asarray(st["intermediates"]["transformer"][f"tap:{i}"][0])
+    aa = clip_preprocess(inp["clip_aa.image"].transpose(0, 2, 3, 1))
+    out["clip_aa.preprocessed"], out["clip_aa.tokens"] = nchw(aa), np.asarray(vt.apply({"params": pv}, aa))
+    grey = clip_preprocess(np.zeros_like(inp["image"]).transpose(0, 2, 3, 1))
+    out["uncond.clip_image.tokens"] = np.asarray(vt.apply({"params": pv}, grey))
+    ctx, st = tt.apply({"params": pt}, inp["text_tokens"], mutable=["intermediates"])
+    out["text.context"] = np.asarray(ctx)
+    for i in range(text.layers - text.skip_last):
+        out[f"text.block.{i}"] = np.asarray(st["intermediates"]["transformer"][f"tap:{i}"][0])
+    out["uncond.text.context"] = np.asarray(tt.apply({"params": pt}, inp["uncond_text_tokens"]))
+    pr, _ = convert(part("image_proj_model."), RESAMPLER_RULES,
+                    jax.eval_shape(lambda: rs.init(jax.random.PRNGKey(0), tokens))["params"])
+    out["resampler.out"] = np.asarray(rs.apply({"params": pr}, tokens))
+    out["uncond.resampler.out"] = np.asarray(rs.apply({"params": pr}, out["uncond.clip_image.tokens"]))
+    return out
+
+
+CONDITIONING_OUTPUTS = ["clip_image.preprocessed", "clip_image.tokens", "clip_image.block.0", "clip_image.block.1",
+                        "clip_aa.preprocessed", "clip_aa.tokens", "resampler.out", "text.context", "text.block.0",
+                        "text.block.1", "uncond.text.context", "uncond.clip_image.tokens", "uncond.resampler.out"]
+
+
+@needs_case
+@pytest.mark.parametrize("file_name", ["model.ckpt", "model.safetensors"])
+@pytest.mark.parametrize("output", CONDITIONING_OUTPUTS)
+def test_clip_text_and_resampler_match_upstream(file_name, output):
+    for case in CASES:
+        meta, _, expected = load_case(case)
+        if output in expected:
+            got = conditioning_outputs(case, file_name)[output]
+            assert_close(got, expected[output], meta["tolerance"], f"{case.name}: {output}")
