@@ -201,3 +201,42 @@ def test_clip_text_and_resampler_match_upstream(file_name, output):
         if output in expected:
             got = conditioning_outputs(case, file_name)[output]
             assert_close(got, expected[output], meta["tolerance"], f"{case.name}: {output}")
+
+
+@needs_case
+def test_diffusion_schedule_equals_the_checkpoint_buffers_and_the_loss_inputs_match():
+    import yaml
+
+    from anti_i2v_jax.backbones.dynamicrafter.diffusion import (
+        DiffusionConfig,
+        q_sample,
+        rescale_x0,
+        schedule,
+        target,
+    )
+    from weights_convert.core import TorchCheckpointSource
+
+    for case in CASES:
+        meta, inp, expected = load_case(case)
+        p = yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]
+        cfg = DiffusionConfig(
+            timesteps=p["timesteps"], linear_start=p["linear_start"], linear_end=p["linear_end"],
+            rescale_betas_zero_snr=p.get("rescale_betas_zero_snr", False), parameterization=p.get("parameterization", "eps"),
+            use_dynamic_rescale=p.get("use_dynamic_rescale", False), base_scale=p.get("base_scale", 1.0),
+            scale_factor=p["scale_factor"],
+        )
+        tables = schedule(cfg)
+        source = TorchCheckpointSource(case / "model.ckpt")
+        for name in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "scale_arr"):
+            np.testing.assert_array_equal(tables[name], source.load(name), err_msg=name)
+        # z0: the image's posterior mean x scale_factor, for every frame (our VAE, above)
+        mean = vae_outputs(case, "model.ckpt")["vae.posterior_mean"]
+        frames = expected["diffusion.z0"].shape[2]
+        z0 = np.repeat((cfg.scale_factor * mean)[:, :, None], frames, axis=2)
+        tol = meta["tolerance"]
+        assert_close(z0, expected["diffusion.z0"], tol, "diffusion.z0")
+        t = int(inp["t"][0])
+        x_start = rescale_x0(tables, z0, t)
+        assert_close(x_start, expected["diffusion.x_start"], tol, "diffusion.x_start")
+        assert_close(q_sample(tables, x_start, inp["noise"], t), expected["diffusion.x_t"], tol, "diffusion.x_t")
+        assert_close(target(cfg, tables, x_start, inp["noise"], t), expected["diffusion.target"], tol, "diffusion.target")
