@@ -240,3 +240,57 @@ def test_diffusion_schedule_equals_the_checkpoint_buffers_and_the_loss_inputs_ma
         assert_close(x_start, expected["diffusion.x_start"], tol, "diffusion.x_start")
         assert_close(q_sample(tables, x_start, inp["noise"], t), expected["diffusion.x_t"], tol, "diffusion.x_t")
         assert_close(target(cfg, tables, x_start, inp["noise"], t), expected["diffusion.target"], tol, "diffusion.target")
+
+
+UNET_OUTPUTS = ["unet.time_embed", "unet.fps_embedding", "unet.input_blocks.0", "unet.input_blocks.1",
+                "unet.input_blocks.2", "unet.input_blocks.3", "unet.init_attn", "unet.middle_block",
+                "unet.output_blocks.0", "unet.output_blocks.1", "unet.output_blocks.2", "unet.output_blocks.3",
+                "unet.out", "loss"]
+
+
+@functools.cache
+def unet_outputs(case, file_name) -> dict[str, np.ndarray]:
+    """The U-Net on the case's x_t with the hybrid conditioning, and the v-loss."""
+    import yaml
+
+    from anti_i2v_jax.backbones.dynamicrafter.unet import UNetConfig, UNetModel
+    from weights_convert.core import SafetensorsSource, TorchCheckpointSource, convert
+    from weights_convert.dynamicrafter import UNET_RULES
+
+    cfg = UNetConfig.from_ldm(yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["unet_config"]["params"])
+    _, inp, expected = load_case(case)
+    path = case / file_name
+    source = TorchCheckpointSource(path) if path.suffix == ".ckpt" else SafetensorsSource(path)
+
+    class Part:
+        def keys(self):
+            return [k for k in source.keys() if k.startswith("model.diffusion_model.")]
+
+        shape, load = staticmethod(source.shape), staticmethod(source.load)
+
+    cond = conditioning_outputs(case, file_name)
+    x_t = expected["diffusion.x_t"].transpose(0, 2, 3, 4, 1)  # (B, T, h, w, C); checked against the port above
+    z0 = expected["diffusion.z0"].transpose(0, 2, 3, 4, 1)
+    x = np.concatenate([x_t, np.repeat(z0[:, :1], x_t.shape[1], axis=1)], axis=-1)
+    context = np.concatenate([cond["text.context"], cond["resampler.out"]], axis=1)
+    taps = tuple(name[len("unet."):] for name in UNET_OUTPUTS if name not in ("unet.out", "loss"))
+    model = UNetModel(cfg, taps=taps)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, inp["t"], context, inp["fs"]))["params"]
+    params, _ = convert(Part(), UNET_RULES, abstract)
+    out, state = model.apply({"params": params}, x, inp["t"], context, inp["fs"], mutable=["intermediates"])
+    result = {"unet.out": np.asarray(out).transpose(0, 4, 1, 2, 3)}
+    for t in taps:
+        v = np.asarray(state["intermediates"][f"tap:{t}"][0])
+        result[f"unet.{t}"] = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v
+    result["loss"] = np.asarray(np.mean((result["unet.out"] - expected["diffusion.target"]) ** 2))
+    return result
+
+
+@needs_case
+@pytest.mark.parametrize("file_name", ["model.ckpt", "model.safetensors"])
+@pytest.mark.parametrize("output", UNET_OUTPUTS)
+def test_unet_matches_upstream(file_name, output):
+    for case in CASES:
+        meta, _, expected = load_case(case)
+        if output in expected:
+            assert_close(unet_outputs(case, file_name)[output], expected[output], meta["tolerance"], f"{case.name}: {output}")

@@ -32,6 +32,7 @@ TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[tuple]
     "conv3d": (lambda a: a.transpose(2, 3, 4, 1, 0), lambda s: (s[2], s[3], s[4], s[1], s[0])),  # OITHW -> THWIO
     "squeeze0": (lambda a: a[0], lambda s: tuple(s[1:])),  # (1, ...) buffers
     "conv1x1_linear": (lambda a: a[:, :, 0, 0].T, lambda s: (s[1], s[0])),  # 1x1 Conv2d used as a Linear
+    "conv1d_k1_linear": (lambda a: a[:, :, 0].T, lambda s: (s[1], s[0])),  # kernel-1 Conv1d used as a Linear
 }
 
 
@@ -349,9 +350,10 @@ def plan(
                     renamed = key
                     for pattern, repl in subs:
                         renamed = re.sub(pattern, repl, renamed)
-                    target, transform = torch_to_flax(renamed, len(shapes[key]))
-                    if rule.transform != "identity":
-                        target, transform = target.rsplit("/", 1)[0] + "/kernel", rule.transform
+                    if rule.transform != "identity":  # an explicit layout transform: the leaf is a kernel
+                        target, transform = torch_to_flax(renamed, 2)[0], rule.transform
+                    else:
+                        target, transform = torch_to_flax(renamed, len(shapes[key]))
                 else:
                     target, transform = m.expand(rule.target), rule.transform
                 if target in mapping:

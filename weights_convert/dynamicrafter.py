@@ -68,3 +68,11 @@ def clip_vision_rules(prefix: str = "embedder.model.") -> tuple[list[Rule], list
               rf"{p}positional_embedding", rf"{p}ln_final\..*", rf"{p}text_projection", rf"{p}logit_scale",
               rf"{p}transformer\..*"]
     return [Rule(rf"{p}visual\..*", TORCH, sub=(rf"^{p}visual\.", ""))], unused
+
+
+UNET_RULES = [
+    # init_attn projects with kernel-1 Conv1d layers upstream, Dense layers here
+    Rule(r"model\.diffusion_model\.init_attn\.0\.proj_(in|out)\.weight", TORCH, "conv1d_k1_linear",
+         sub=(r"^model\.diffusion_model\.", "")),
+    Rule(r"model\.diffusion_model\..*", TORCH, sub=(r"^model\.diffusion_model\.", "")),
+]
