@@ -294,3 +294,51 @@ def test_unet_matches_upstream(file_name, output):
         meta, _, expected = load_case(case)
         if output in expected:
             assert_close(unet_outputs(case, file_name)[output], expected[output], meta["tolerance"], f"{case.name}: {output}")
+
+
+@needs_case
+@pytest.mark.parametrize("output, steps", [("ddim.x0", 2), ("ddim.steps3.x0", 3)])
+def test_ddim_with_guidance_rescale_matches_upstream(output, steps):
+    import jax.numpy as jnp
+    import yaml
+
+    from anti_i2v_jax.backbones.dynamicrafter.diffusion import (
+        DiffusionConfig,
+        ddim_sample,
+        schedule,
+    )
+    from anti_i2v_jax.backbones.dynamicrafter.unet import UNetConfig, UNetModel
+    from weights_convert.core import TorchCheckpointSource, convert
+    from weights_convert.dynamicrafter import UNET_RULES
+
+    for case in CASES:
+        meta, inp, expected = load_case(case)
+        if output not in expected:
+            continue
+        cfg = UNetConfig.from_ldm(yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["unet_config"]["params"])
+        source = TorchCheckpointSource(case / "model.ckpt")
+
+        class Part:
+            def keys(self):
+                return [k for k in source.keys() if k.startswith("model.diffusion_model.")]
+
+            shape, load = staticmethod(source.shape), staticmethod(source.load)
+
+        cond = conditioning_outputs(case, "model.ckpt")
+        contexts = {
+            True: np.concatenate([cond["text.context"], cond["resampler.out"]], axis=1),
+            False: np.concatenate([cond["uncond.text.context"], cond["uncond.resampler.out"]], axis=1),
+        }
+        z0 = expected["diffusion.z0"].transpose(0, 2, 3, 4, 1)
+        c_concat = np.repeat(z0[:, :1], z0.shape[1], axis=1)
+        x_T = inp["noise"].transpose(0, 2, 3, 4, 1)
+        model = UNetModel(cfg)
+        abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.concatenate([x_T, c_concat], -1),
+                                                     inp["t"], contexts[True], inp["fs"]))["params"]
+        params, _ = convert(Part(), UNET_RULES, abstract)
+        apply = jax.jit(lambda x, t, ctx: model.apply({"params": params}, jnp.concatenate([x, c_concat], -1),
+                                                      jnp.full((1,), t), ctx, inp["fs"]))
+        dcfg = DiffusionConfig()
+        x = ddim_sample(lambda x, t, c: apply(x, t, contexts[c]), x_T, dcfg, schedule(dcfg), steps=steps,
+                        guidance_scale=7.5, guidance_rescale=0.7)
+        assert_close(np.asarray(x).transpose(0, 4, 1, 2, 3), expected[output], meta["tolerance"], f"{case.name}: {output}")

@@ -63,3 +63,51 @@ def target(cfg: DiffusionConfig, tables, x0: jax.Array, noise: jax.Array, t: jax
     if cfg.parameterization == "eps":
         return noise
     return jnp.asarray(tables["sqrt_alphas_cumprod"])[t] * noise - jnp.asarray(tables["sqrt_one_minus_alphas_cumprod"])[t] * x0
+
+
+def ddim_timesteps(cfg: DiffusionConfig, steps: int, spacing: str = "uniform_trailing") -> np.ndarray:
+    """Ascending DDIM timesteps: ``uniform_trailing`` (512/1024: ..., 999) or ``uniform`` (256: 1, 21, ...)."""
+    n = cfg.timesteps
+    if spacing == "uniform_trailing":
+        return np.flip(np.round(np.arange(n, 0, -n / steps))).astype(np.int64) - 1
+    if spacing == "uniform":
+        return np.asarray(list(range(0, n, n // steps))) + 1
+    raise ValueError(f"unknown timestep spacing {spacing!r}")
+
+
+def rescale_guidance(guided: jax.Array, cond: jax.Array, r: float) -> jax.Array:
+    """``rescale_noise_cfg``: match the guided prediction's std (per sample, unbiased) to the conditional one."""
+    axes = tuple(range(1, guided.ndim))
+    rescaled = guided * (jnp.std(cond, axis=axes, keepdims=True, ddof=1) / jnp.std(guided, axis=axes, keepdims=True, ddof=1))
+    return r * rescaled + (1.0 - r) * guided
+
+
+def ddim_sample(model_fn, x_T, cfg: DiffusionConfig, tables, *, steps: int, guidance_scale: float,
+                guidance_rescale: float = 0.0, spacing: str = "uniform_trailing", stop_after: int | None = None):
+    """Deterministic DDIM (eta 0) with classifier-free guidance, as ``DDIMSampler.sample`` for DynamiCrafter.
+
+    ``model_fn(x, t, conditional: bool)`` returns the model output (v or eps) for latents ``x``.
+    """
+    ts = ddim_timesteps(cfg, steps, spacing)
+    ac, sa, sb, scale = (np.asarray(tables[k]) for k in ("alphas_cumprod", "sqrt_alphas_cumprod",
+                                                         "sqrt_one_minus_alphas_cumprod", "scale_arr"))
+    x = x_T
+    order = list(range(len(ts)))[::-1]
+    for n, i in enumerate(order[: stop_after if stop_after is not None else len(order)]):
+        t = int(ts[i])
+        prev = int(ts[i - 1]) if i > 0 else None
+        c, u = model_fn(x, t, True), model_fn(x, t, False)
+        out = u + guidance_scale * (c - u)
+        if guidance_rescale > 0.0:
+            out = rescale_guidance(out, c, guidance_rescale)
+        if cfg.parameterization == "v":
+            e_t = sa[t] * out + sb[t] * x
+            pred_x0 = sa[t] * x - sb[t] * out
+        else:
+            e_t = out
+            pred_x0 = (x - np.sqrt(np.float32(1.0) - ac[t]) * e_t) / np.sqrt(ac[t])
+        if cfg.use_dynamic_rescale:
+            pred_x0 = pred_x0 * (scale[ts[i - 1] if i > 0 else ts[0]] / scale[t])
+        a_prev = ac[prev] if prev is not None else ac[0]
+        x = np.sqrt(a_prev) * pred_x0 + np.sqrt(np.float32(1.0) - a_prev) * e_t
+    return x
