@@ -35,6 +35,12 @@ def irc_loss(taps: Taps, early: int | str, deep: Sequence[int | str]) -> jax.Arr
     _require(taps, [early, *deep], "irc_loss")
     if not deep:
         raise ValueError("irc_loss needs at least one deep layer")
+    bad = [j for j in deep if taps[j].shape != taps[early].shape]
+    if bad:
+        raise ValueError(
+            f"irc_loss: layers {bad} have shapes {[taps[j].shape for j in bad]}, the early layer {early} has "
+            f"{taps[early].shape}; IRC compares layers of one shape: choose irc_early / irc_deep accordingly"
+        )
     return jnp.mean(jnp.stack([mean_squared(taps[j], taps[early]) for j in deep]))
 
 

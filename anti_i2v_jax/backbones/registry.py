@@ -11,7 +11,11 @@ from anti_i2v_jax.backbones.base import Backbone
 from anti_i2v_jax.errors import UserError
 
 # Modules that register the built-in backbones when imported. A backbone package lands here when ported.
-_BUILTIN_MODULES: tuple[str, ...] = ("anti_i2v_jax.backbones.cogvideox", "anti_i2v_jax.backbones.opensora")
+_BUILTIN_MODULES: tuple[str, ...] = (
+    "anti_i2v_jax.backbones.cogvideox",
+    "anti_i2v_jax.backbones.opensora",
+    "anti_i2v_jax.backbones.dynamicrafter",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

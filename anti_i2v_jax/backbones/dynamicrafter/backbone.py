@@ -1,0 +1,219 @@
+"""The DynamiCrafter image-to-video adapter: the Backbone protocol over the Flax VAE, OpenCLIP towers,
+Resampler and 3-D U-Net.
+
+I2V wiring, as ``scripts/evaluation/inference.py``: the image (resized and centre-cropped to the model size,
+[-1, 1]) is VAE-encoded (posterior mean by default) and scaled by 0.18215; that latent, repeated over the T
+frames, is concatenated on channels with the noisy latents ("hybrid"); the same image goes through the CLIP
+preprocessing, the ViT-H tower and the Resampler, whose tokens follow the text context (so the gradient
+reaches the pixels through both paths). The loss is the U-Net's eps/v MSE at t ~ U{0..999}, with the
+dynamic rescale of x0 where the model uses it; the clean video latents are the image latent repeated.
+
+Layers (documented choices, configurable through ``AttackConfig``): "layer i" indexes the U-Net's blocks in
+order ``input_blocks.0 .. input_blocks.N-1, middle_block, output_blocks.0 .. output_blocks.M-1``. IRC pulls
+the last 3 output blocks onto ``input_blocks.2`` (512/1024: both 320 wide at full resolution; method.md's
+``input_blocks[3]`` is the first downsample, whose features have another shape); IRA uses the middle block and every output
+block (the decoder half, where semantics are assembled); the VAE IRA term uses each encoder down block and
+the posterior moments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anti_i2v_jax.backbones.base import (
+    LayerDefaults,
+    Noisy,
+    default_min_input_side,
+    resize_center_crop,
+    to_signed,
+)
+from anti_i2v_jax.backbones.dynamicrafter import diffusion as dm
+from anti_i2v_jax.backbones.dynamicrafter.config import DynamiCrafterConfig
+from anti_i2v_jax.backbones.dynamicrafter.image_encoder import VisionTower, clip_preprocess
+from anti_i2v_jax.backbones.dynamicrafter.resampler import Resampler
+from anti_i2v_jax.backbones.dynamicrafter.unet import UNetModel
+from anti_i2v_jax.backbones.text.openclip_text import TextTower
+from anti_i2v_jax.nn.autoencoder_kl import AutoencoderKL
+from anti_i2v_jax.nn.init import seeded_params
+
+
+def unet_block_names(config: DynamiCrafterConfig) -> tuple[str, ...]:
+    """The U-Net's tappable blocks in order; "layer i" of the attack is the i-th name."""
+    u = config.unet
+    n_in = 1 + len(u.channel_mult) * u.num_res_blocks + len(u.channel_mult) - 1
+    n_out = len(u.channel_mult) * (u.num_res_blocks + 1)
+    return (*(f"input_blocks.{i}" for i in range(n_in)), "middle_block", *(f"output_blocks.{i}" for i in range(n_out)))
+
+
+def default_layers(config: DynamiCrafterConfig) -> LayerDefaults:
+    names = unet_block_names(config)
+    n = len(names)
+    mid = names.index("middle_block")
+    n_down = len(config.vae.block_out_channels)
+    r = config.unet.num_res_blocks
+    # IRC compares features of one shape: the last full-resolution input block (input_blocks.r, before the
+    # first downsample) against the last (up to 3) output blocks of the full-resolution level.
+    return LayerDefaults(
+        num_layers=n,
+        irc_early=r,
+        irc_deep=tuple(range(n - min(3, r + 1), n)),
+        ira_layers=tuple(range(mid, n)),
+        vae_layers=tuple(f"down_blocks.{i}" for i in range(n_down)) + ("quant_conv",),
+    )
+
+
+class ByteTokenizer:
+    """A network-free stand-in for the OpenCLIP tokenizer of tiny demo models: ``[start, bytes..., end, 0...]``."""
+
+    def __init__(self, vocab_size: int, start_id: int, end_id: int, length: int = 77):
+        self.vocab_size, self.start_id, self.end_id, self.length = vocab_size, start_id, end_id, length
+
+    def __call__(self, text: str) -> np.ndarray:
+        body = [1 + b % (self.vocab_size - 3) for b in text.encode()][: self.length - 2]
+        ids = [self.start_id, *body, self.end_id]
+        return np.asarray(ids + [0] * (self.length - len(ids)), np.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DynamiCrafterBackbone:
+    """DynamiCrafter I2V for the attack. ``tokenizer(prompt) -> (77,) ids`` (OpenCLIP's, or the tiny stand-in)."""
+
+    name: str
+    config: DynamiCrafterConfig
+    params: Any  # {"unet", "vae", "clip_image", "clip_text", "resampler"}
+    tokenizer: Any = None
+    fs: int | None = None  # fps (512/1024) or frame stride (256); None: the U-Net's default_fs
+    min_input_side: int = 0
+    layers: LayerDefaults = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.layers is None:
+            object.__setattr__(self, "layers", default_layers(self.config))
+        if not self.min_input_side:
+            object.__setattr__(self, "min_input_side", default_min_input_side(self.model_size))
+
+    @property
+    def model_size(self) -> tuple[int, int]:
+        return (self.config.height, self.config.width)
+
+    @functools.cached_property
+    def tables(self) -> dict[str, np.ndarray]:
+        return dm.schedule(self.config.diffusion)
+
+    @functools.cached_property
+    def attack_params(self) -> dict:
+        """Everything but the VAE decoder (the step never decodes)."""
+        vae = {k: v for k, v in self.params["vae"].items() if k not in ("decoder", "post_quant_conv")}
+        return {**self.params, "vae": vae}
+
+    def preprocess(self, x):
+        return to_signed(resize_center_crop(x, self.model_size))
+
+    def encode_text(self, params, prompt: str) -> jax.Array:
+        """(77, context_dim): the OpenCLIP text tower's penultimate layer after ``ln_final``."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name} has no tokenizer: convert with one, or pass token ids yourself")
+        ids = jnp.asarray(self.tokenizer(prompt))[None]
+        return TextTower(self.config.text).apply({"params": params["clip_text"]}, ids)[0]
+
+    def image_tokens(self, params, image):
+        """Resampler tokens (T*16, context_dim) of an image already in [-1, 1] at the model size."""
+        tokens = VisionTower(self.config.vision).apply({"params": params["clip_image"]}, clip_preprocess(image[None]))
+        return Resampler(self.config.resampler).apply({"params": params["resampler"]}, tokens)[0]
+
+    def condition(self, params, x, key, *, vae_layers: Sequence[str] = ()):
+        cfg = self.config
+        img = self.preprocess(x)
+        taps = tuple(t for t in vae_layers if t != "latent")
+        vae = AutoencoderKL(cfg.vae, taps=taps)
+        (mean, logvar), state = vae.apply({"params": params["vae"]}, img[None], method=vae.encode,
+                                         mutable=["intermediates"])
+        z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        z = z[0] * cfg.diffusion.scale_factor  # (h, w, 4)
+        inter = state.get("intermediates", {})
+        out = {}
+        for name in taps:
+            out[name] = inter["tap:quant_conv"][0] if name == "quant_conv" else inter["encoder"][f"tap:{name}"][0]
+        if "latent" in vae_layers:
+            out["latent"] = z
+        video = jnp.repeat(z[None], cfg.frames, axis=0)  # (T, h, w, 4)
+        return {"c_concat": video, "video_latents": video, "image_tokens": self.image_tokens(params, img)}, out
+
+    def add_noise(self, params, cond, key) -> Noisy:
+        k_t, k_eps = jax.random.split(key)
+        cfg = self.config.diffusion
+        t = jax.random.randint(k_t, (), 0, cfg.timesteps)
+        x0 = dm.rescale_x0(self.tables, cond["video_latents"], t)
+        eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+        return Noisy(x0=x0, z_t=dm.q_sample(self.tables, x0, eps, t), t=t, target=dm.target(cfg, self.tables, x0, eps, t))
+
+    def denoise(self, params, noisy, cond, text, *, taps: Sequence[int] = ()):
+        context = jnp.concatenate([text, cond["image_tokens"]], axis=0)[None]
+        pred, block = self.unet_apply(params, noisy.z_t[None], cond["c_concat"][None], noisy.t[None], context, taps)
+        return pred[0], {i: v for i, v in block.items()}
+
+    def diffusion_loss(self, prediction, noisy):
+        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - noisy.target.astype(jnp.float32)))
+
+    def unet_apply(self, params, z_t, c_concat, t, context, taps: Sequence[int] = ()):
+        """Batched U-Net: (B, T, h, w, 4) x2 -> output and {layer index: block output (B*T, h', w', C)}."""
+        names = unet_block_names(self.config)
+        model = UNetModel(self.config.unet, taps=tuple(names[i] for i in taps))
+        fs = None if self.fs is None else jnp.full((z_t.shape[0],), self.fs)
+        out, state = model.apply({"params": params["unet"]}, jnp.concatenate([z_t, c_concat], -1), t, context, fs,
+                                 mutable=["intermediates"])
+        inter = state.get("intermediates", {})
+        return out, {i: inter[f"tap:{names[i]}"][0] for i in taps}
+
+    def generate(self, image, prompt, *, negative_prompt="", num_inference_steps=50, guidance_scale=None, seed=0):
+        """I2V as the DynamiCrafter inference script (DDIM, eta 0, CFG with the empty prompt and a grey image)."""
+        cfg = self.config
+        x = jnp.asarray(np.asarray(image, np.float32) / 255.0)
+        cond, _ = jax.jit(lambda p, v: self.condition(p, v, None))(self.params, x)
+        grey = jnp.zeros(self.model_size + (3,))
+        uncond_tokens = jax.jit(lambda p: self.image_tokens(p, grey))(self.params)
+        ctx = {True: jnp.concatenate([self.encode_text(self.params, prompt), cond["image_tokens"]], 0)[None],
+               False: jnp.concatenate([self.encode_text(self.params, negative_prompt), uncond_tokens], 0)[None]}
+        apply = jax.jit(lambda z, t, c: self.unet_apply(self.params, z, cond["c_concat"][None], jnp.full((1,), t), c)[0])
+        noise = jax.random.normal(jax.random.PRNGKey(seed), (1, *cond["c_concat"].shape))
+        z = dm.ddim_sample(lambda z, t, c: apply(z, t, ctx[c]), noise, cfg.diffusion, self.tables,
+                           steps=num_inference_steps, guidance_scale=guidance_scale or cfg.guidance_scale,
+                           guidance_rescale=cfg.guidance_rescale, spacing=cfg.spacing)
+        vae = AutoencoderKL(cfg.vae)
+        frames = jax.jit(lambda p, zz: vae.apply({"params": p}, zz, method=vae.decode))(
+            self.params["vae"], jnp.asarray(z)[0] / cfg.diffusion.scale_factor)
+        return np.asarray(jnp.clip(jnp.rint((frames + 1.0) * 127.5), 0, 255)).astype(np.uint8)
+
+
+def abstract_params(config: DynamiCrafterConfig) -> dict:
+    """Parameter trees of every part as ShapeDtypeStructs (no allocation, no compile)."""
+    key = jax.random.PRNGKey(0)
+    h, w = config.latent_size
+    t = config.frames
+    n_ctx = 77 + t * config.resampler.num_queries
+    unet = jax.eval_shape(UNetModel(config.unet).init, key, jnp.zeros((1, t, h, w, config.unet.in_channels)),
+                          jnp.zeros((1,), jnp.int32), jnp.zeros((1, n_ctx, config.unet.context_dim)), jnp.zeros((1,), jnp.int32))
+    vae = jax.eval_shape(AutoencoderKL(config.vae).init, key, jnp.zeros((1, config.height, config.width, 3)))
+    vision = jax.eval_shape(VisionTower(config.vision).init, key,
+                            jnp.zeros((1, config.vision.image_size, config.vision.image_size, 3)))
+    text = jax.eval_shape(TextTower(config.text).init, key, jnp.zeros((1, config.text.context_length), jnp.int32))
+    tokens = 1 + (config.vision.image_size // config.vision.patch_size) ** 2
+    resampler = jax.eval_shape(Resampler(config.resampler).init, key, jnp.zeros((1, tokens, config.vision.width)))
+    return {"unet": unet["params"], "vae": vae["params"], "clip_image": vision["params"], "clip_text": text["params"],
+            "resampler": resampler["params"]}
+
+
+def init_params(config: DynamiCrafterConfig, seed: int = 0) -> dict:
+    """Seeded random parameters (tiny demo backbone and tests), without a forward pass."""
+    rng = np.random.default_rng(seed)
+    small = lambda shape: rng.standard_normal(shape) * 0.02  # noqa: E731
+    return seeded_params(abstract_params(config), seed, {
+        "class_embedding": small, "positional_embedding": small, "in_proj_weight": small, "latents": small,
+    })

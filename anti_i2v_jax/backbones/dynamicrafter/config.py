@@ -1,0 +1,129 @@
+"""DynamiCrafter's configuration, parsed strictly from the LDM ``config.yaml`` (``configs/inference_*_v1.0.yaml``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from anti_i2v_jax.backbones.dynamicrafter.diffusion import DiffusionConfig
+from anti_i2v_jax.backbones.dynamicrafter.image_encoder import VisionConfig
+from anti_i2v_jax.backbones.dynamicrafter.resampler import ResamplerConfig
+from anti_i2v_jax.backbones.dynamicrafter.unet import UNetConfig
+from anti_i2v_jax.backbones.text.openclip_text import TextConfig
+from anti_i2v_jax.configs import parse_config
+from anti_i2v_jax.errors import UserError
+from anti_i2v_jax.nn.autoencoder_kl import AutoencoderKLConfig
+
+# open_clip ViT-H-14 (model_configs/ViT-H-14.json), the towers DynamiCrafter names by registry id
+VIT_H_14 = {
+    "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
+}
+
+_MODEL_KEYS_IGNORED = frozenset({
+    "num_timesteps_cond", "first_stage_key", "cond_stage_key", "cond_stage_trainable", "channels", "use_ema",
+    "uncond_type", "scale_by_std", "conditioning_key",
+})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DynamiCrafterConfig:
+    unet: UNetConfig
+    vae: AutoencoderKLConfig
+    vision: VisionConfig
+    text: TextConfig
+    resampler: ResamplerConfig
+    diffusion: DiffusionConfig
+    latent_size: tuple[int, int] = (40, 64)
+    spacing: str = "uniform_trailing"  # DDIM timesteps (256: "uniform")
+    guidance_rescale: float = 0.7  # 256: 0.0
+    guidance_scale: float = 7.5
+    text_start_id: int = 49406
+    text_end_id: int = 49407
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.block_out_channels) - 1)
+
+    @property
+    def height(self) -> int:
+        return self.latent_size[0] * self.vae_factor
+
+    @property
+    def width(self) -> int:
+        return self.latent_size[1] * self.vae_factor
+
+    @property
+    def frames(self) -> int:
+        return self.unet.temporal_length
+
+
+def _ldm_vae(ddconfig: dict[str, Any], where: str) -> AutoencoderKLConfig:
+    if ddconfig.get("attn_resolutions"):
+        raise UserError(f"{where}: attention outside the mid block (attn_resolutions) is not supported")
+    if not ddconfig.get("double_z", True):
+        raise UserError(f"{where}: double_z false is not supported")
+    return AutoencoderKLConfig(
+        in_channels=ddconfig.get("in_channels", 3),
+        out_channels=ddconfig.get("out_ch", 3),
+        block_out_channels=tuple(ddconfig["ch"] * m for m in ddconfig["ch_mult"]),
+        layers_per_block=ddconfig["num_res_blocks"],
+        latent_channels=ddconfig["z_channels"],
+        norm_num_groups=32,
+    )
+
+
+def from_yaml(raw: dict[str, Any], where: str = "config.yaml") -> DynamiCrafterConfig:
+    """Parse ``model.params`` of a DynamiCrafter inference config; unknown keys are errors."""
+    p = dict(raw["model"]["params"])
+    if p.get("conditioning_key", "hybrid") != "hybrid" or p.get("scale_by_std"):
+        raise UserError(f"{where}: only hybrid conditioning without scale_by_std is supported")
+    known = {"rescale_betas_zero_snr", "parameterization", "linear_start", "linear_end", "timesteps", "image_size",
+             "scale_factor", "use_dynamic_rescale", "base_scale", "fps_condition_type", "perframe_ae", "unet_config",
+             "first_stage_config", "cond_stage_config", "img_cond_stage_config", "image_proj_stage_config"}
+    unknown = sorted(set(p) - known - _MODEL_KEYS_IGNORED)
+    if unknown:
+        raise UserError(f"{where}: unknown model.params keys {unknown}")
+    zero_snr = bool(p.get("rescale_betas_zero_snr", False))
+    diffusion = DiffusionConfig(
+        timesteps=p.get("timesteps", 1000), linear_start=p.get("linear_start", 0.00085),
+        linear_end=p.get("linear_end", 0.012), rescale_betas_zero_snr=zero_snr,
+        parameterization=p.get("parameterization", "eps"), use_dynamic_rescale=bool(p.get("use_dynamic_rescale", False)),
+        base_scale=p.get("base_scale", 1.0), scale_factor=p.get("scale_factor", 0.18215),
+    )
+    arch = p["cond_stage_config"]["params"].get("arch") or VIT_H_14
+    if p["cond_stage_config"]["params"].get("layer", "penultimate") != "penultimate":
+        raise UserError(f"{where}: only the penultimate text layer is supported")
+    text = parse_config(TextConfig, arch["text_cfg"], frozenset(), where + "[text_cfg]")
+    return DynamiCrafterConfig(
+        unet=UNetConfig.from_ldm(p["unet_config"]["params"], where + "[unet_config]"),
+        vae=_ldm_vae(p["first_stage_config"]["params"]["ddconfig"], where + "[first_stage_config]"),
+        vision=parse_config(VisionConfig, arch["vision_cfg"], frozenset(), where + "[vision_cfg]"),
+        text=text,
+        resampler=parse_config(ResamplerConfig, p["image_proj_stage_config"]["params"], frozenset(), where + "[resampler]"),
+        diffusion=diffusion,
+        latent_size=tuple(p["image_size"]),
+        spacing="uniform_trailing" if zero_snr else "uniform",
+        guidance_rescale=0.7 if zero_snr else 0.0,
+        text_start_id=text.vocab_size - 2,
+        text_end_id=text.vocab_size - 1,
+    )
+
+
+def tiny(**overrides: Any) -> DynamiCrafterConfig:
+    """A tiny DynamiCrafter-512-shaped stack (64x64 pixels, 4 frames) for demos and tests."""
+    unet = UNetConfig(model_channels=32, attention_resolutions=(1,), num_res_blocks=1, channel_mult=(1, 2),
+                      num_head_channels=8, context_dim=32, temporal_length=4)
+    return DynamiCrafterConfig(
+        unet=unet,
+        vae=AutoencoderKLConfig(block_out_channels=(32, 32, 32), layers_per_block=1, norm_num_groups=32),
+        vision=VisionConfig(layers=2, width=48, head_width=16),
+        text=TextConfig(vocab_size=1000, width=32, heads=2, layers=3),
+        resampler=ResamplerConfig(dim=40, depth=2, dim_head=8, heads=3, num_queries=16, embedding_dim=48,
+                                  output_dim=32, ff_mult=2, video_length=4),
+        diffusion=DiffusionConfig(),
+        latent_size=(16, 16),
+        text_start_id=998,
+        text_end_id=999,
+        **overrides,
+    )
