@@ -24,6 +24,13 @@ def main(argv=None) -> int:
     o.add_argument("--dst", type=Path, help="output folder (new or empty); not needed with --dry-run")
     o.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     o.add_argument("--dry-run", action="store_true", help="read headers only, check the mapping and shapes")
+    d = sub.add_parser("dynamicrafter", help="a DynamiCrafter model.ckpt / model.safetensors + its config.yaml")
+    d.add_argument("--src", type=Path, required=True, help="model.ckpt (Lightning) or model.safetensors")
+    d.add_argument("--config", type=Path, required=True, help="the inference config.yaml of that checkpoint")
+    d.add_argument("--tokenizer", type=Path, help="a CLIP BPE tokenizer folder (vocab.json + merges.txt) to keep")
+    d.add_argument("--dst", type=Path, help="output folder (new or empty); not needed with --dry-run")
+    d.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    d.add_argument("--dry-run", action="store_true", help="check the mapping and shapes only")
     args = parser.parse_args(argv)
     try:
         if not args.dry_run and args.dst is None:
@@ -32,6 +39,10 @@ def main(argv=None) -> int:
             from weights_convert import cogvideox
 
             return cogvideox.run(args.src, args.dst, args.dtype, args.dry_run)
+        if args.backbone == "dynamicrafter":
+            from weights_convert import dynamicrafter
+
+            return dynamicrafter.run(args.src, args.config, args.dst, args.dtype, args.dry_run, args.tokenizer)
         if args.backbone == "opensora":
             from weights_convert import opensora
 

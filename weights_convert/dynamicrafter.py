@@ -1,11 +1,22 @@
-"""DynamiCrafter: Lightning ``model.ckpt`` (or the same tensors as safetensors) -> orbax + config.json.
+"""DynamiCrafter: Lightning ``model.ckpt`` (or the same tensors as ``model.safetensors``) + ``config.yaml``
+-> orbax (``params/<part>``) + config.json + the config.yaml.
 
-So far: the first-stage KL autoencoder (LDM key names) onto the shared diffusers-layout Flax
-``AutoencoderKL``; the U-Net, OpenCLIP towers and Resampler tables come with their ports.
+One rule table over the whole checkpoint (so every tensor is either used, or a listed fixed buffer / unused
+tower part): the U-Net (``model.diffusion_model.``), the first-stage KL-VAE (LDM names onto the shared
+diffusers-layout Flax ``AutoencoderKL``), the OpenCLIP text tower (``cond_stage_model.``), the ViT image tower
+(``embedder.``) and the Resampler (``image_proj_model.``). The 256 checkpoint's ``framestride_embed.*`` are
+the U-Net's ``fps_embedding``. The schedule buffers are recomputed and checked, not stored.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from anti_i2v_jax.errors import UserError
 from weights_convert.core import TORCH, Rule
 
 
@@ -74,5 +85,114 @@ UNET_RULES = [
     # init_attn projects with kernel-1 Conv1d layers upstream, Dense layers here
     Rule(r"model\.diffusion_model\.init_attn\.0\.proj_(in|out)\.weight", TORCH, "conv1d_k1_linear",
          sub=(r"^model\.diffusion_model\.", "")),
-    Rule(r"model\.diffusion_model\..*", TORCH, sub=(r"^model\.diffusion_model\.", "")),
+    Rule(r"model\.diffusion_model\..*", TORCH,
+         sub=((r"^model\.diffusion_model\.", ""), (r"^framestride_embed\.", "fps_embedding."))),
 ]
+
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "scale_arr", "logvar",
+)
+
+
+def _prefixed(rules: list[Rule], part: str) -> list[Rule]:
+    """The same rules with the component name prepended to every target path."""
+    out = []
+    for r in rules:
+        subs = r.sub or ()
+        if subs and isinstance(subs[0], str):
+            subs = (subs,)
+        if r.target == TORCH:
+            out.append(Rule(r.pattern, TORCH, r.transform, sub=(*subs, (r"^", f"{part}."))))
+        else:
+            out.append(Rule(r.pattern, f"{part}/{r.target}", r.transform, sub=r.sub))
+    return out
+
+
+def rules_for(config) -> tuple[list[Rule], list[str]]:
+    """Every rule of a DynamiCrafter checkpoint for ``config``, and the patterns of its unused keys."""
+    text_rules, text_unused = clip_text_rules(config.text.layers)
+    vision_rules, vision_unused = clip_vision_rules()
+    # The VAE's LDM renames run on the key without the component prefix, which _prefixed adds at the end.
+    rules = (
+        _prefixed(UNET_RULES, "unet")
+        + _prefixed(ldm_vae_rules(len(config.vae.block_out_channels)), "vae")
+        + _prefixed(text_rules, "clip_text")
+        + _prefixed(vision_rules, "clip_image")
+        + _prefixed(RESAMPLER_RULES, "resampler")
+    )
+    return rules, [*text_unused, *vision_unused, *(rf"{b}" for b in SCHEDULE_BUFFERS)]
+
+
+def _check_schedule(source, config, what: str) -> None:
+    from anti_i2v_jax.backbones.dynamicrafter.diffusion import schedule
+
+    tables = schedule(config.diffusion)
+    for name in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "scale_arr"):
+        if name in source.keys():
+            got = np.asarray(source.load(name), np.float32)
+            want = tables[name][: got.shape[0]]
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-6, atol=1e-7):
+                raise UserError(f"{what}: the checkpoint's {name} differs from the schedule config.yaml describes")
+
+
+def _source(src: Path):
+    from weights_convert.core import SafetensorsSource, TorchCheckpointSource
+
+    src = Path(src)
+    return SafetensorsSource(src) if src.suffix == ".safetensors" else TorchCheckpointSource(src)
+
+
+def load(src, config_yaml, *, dtype=None, dry_run: bool = False):
+    """Read and check a checkpoint against its config: (config, params or None, report)."""
+    import yaml
+
+    from anti_i2v_jax.backbones.dynamicrafter import abstract_params, from_yaml
+    from weights_convert.core import convert
+
+    config = from_yaml(yaml.safe_load(Path(config_yaml).read_text()), str(config_yaml))
+    source = _source(src)
+    rules, unused = rules_for(config)
+    if not dry_run:
+        _check_schedule(source, config, str(src))
+    params, report = convert(source, rules, abstract_params(config), ignore=unused, dtype=dtype, dry_run=dry_run,
+                             what=str(src))
+    return config, params, report
+
+
+def run(src: Path, config_yaml: Path, dst: Path | None, dtype: str, dry_run: bool, tokenizer: Path | None = None) -> int:
+    """``python -m weights_convert dynamicrafter``."""
+    import ml_dtypes
+
+    from weights_convert.cogvideox import check_destination, write_atomically
+
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    if not dry_run:
+        check_destination(dst)
+    _, _, report = load(src, config_yaml, dry_run=True)
+    if dry_run:
+        print(report.summary())
+        return 0
+    _, params, report = load(src, config_yaml, dtype=np_dtype)
+
+    def write(tmp: Path) -> None:
+        import orbax.checkpoint as ocp
+
+        checkpointer = ocp.StandardCheckpointer()
+        for part, tree in params.items():
+            checkpointer.save(tmp / "params" / part, tree)
+            checkpointer.wait_until_finished()
+        shutil.copyfile(config_yaml, tmp / "config.yaml")
+        if tokenizer is not None:
+            shutil.copytree(tokenizer, tmp / "tokenizer")
+        meta = {"backbone": "dynamicrafter", "dtype": dtype, "source": Path(src).name}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    write_atomically(dst, write)
+    print(f"{report.summary()}; wrote {dst}")
+    return 0
+
+
+

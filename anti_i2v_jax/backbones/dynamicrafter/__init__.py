@@ -10,7 +10,11 @@ from anti_i2v_jax.backbones.dynamicrafter.backbone import (
     abstract_params,
     init_params,
 )
-from anti_i2v_jax.backbones.dynamicrafter.config import DynamiCrafterConfig, from_yaml, tiny
+from anti_i2v_jax.backbones.dynamicrafter.config import (
+    DynamiCrafterConfig,
+    from_yaml,
+    tiny,
+)
 from anti_i2v_jax.backbones.registry import BackboneSpec, register
 from anti_i2v_jax.errors import UserError
 

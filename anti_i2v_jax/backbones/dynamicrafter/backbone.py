@@ -36,7 +36,10 @@ from anti_i2v_jax.backbones.base import (
 )
 from anti_i2v_jax.backbones.dynamicrafter import diffusion as dm
 from anti_i2v_jax.backbones.dynamicrafter.config import DynamiCrafterConfig
-from anti_i2v_jax.backbones.dynamicrafter.image_encoder import VisionTower, clip_preprocess
+from anti_i2v_jax.backbones.dynamicrafter.image_encoder import (
+    VisionTower,
+    clip_preprocess,
+)
 from anti_i2v_jax.backbones.dynamicrafter.resampler import Resampler
 from anti_i2v_jax.backbones.dynamicrafter.unet import UNetModel
 from anti_i2v_jax.backbones.text.openclip_text import TextTower
