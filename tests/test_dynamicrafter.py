@@ -446,3 +446,13 @@ def test_unet_remat_equals_plain():
     out2, grad2 = run(UNetModel(dataclasses.replace(cfg, remat=True)))
     np.testing.assert_allclose(out2, out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(grad2, grad, atol=1e-5, rtol=1e-5)
+
+
+@needs_case
+def test_every_listed_output_of_every_case_is_checked():
+    """A new output in a case.json must get a check here (the tests above are parametrized by name)."""
+    covered = {*VAE_OUTPUTS, *CONDITIONING_OUTPUTS, *UNET_OUTPUTS, "ddim.x0", "ddim.steps3.x0",
+               "diffusion.z0", "diffusion.x_start", "diffusion.x_t", "diffusion.target"}
+    for case in CASES:
+        meta, _, _ = load_case(case)
+        assert set(meta["outputs"]) <= covered, f"{case.name}: unchecked outputs {sorted(set(meta['outputs']) - covered)}"
