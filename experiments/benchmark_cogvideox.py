@@ -78,6 +78,35 @@ def release_freed_memory() -> None:
         pass
 
 
+def measure_jitted(fn, args, repeats: int) -> dict:
+    """Compile ``jax.jit(fn)`` for ``args``, run it once, then time ``repeats`` runs with the peak RSS."""
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    first = jax.block_until_ready(compiled(*args))
+    times = []
+    release_freed_memory()
+    with PeakRSS() as mem:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t0)
+    return dict(median_s=statistics.median(times), compile_s=compile_s, first=first, peak_rss_mb=mem.peak)
+
+
+def print_jax_only_table(title: str, result: dict) -> None:
+    """The table of a JAX-only benchmark (when the upstream PyTorch code cannot run here)."""
+    print(title)
+    print("| | JAX (jit) | upstream PyTorch |")
+    print("|---|---|---|")
+    print(f"| median step | {result['median_s'] * 1e3:.0f} ms | not run (see docstring) |")
+    print(f"| peak RSS during the steps | {result['peak_rss_mb']:.0f} MB | |")
+    print(f"| compile | {result['compile_s']:.1f} s | |")
+    print(f"| loss | {float(result['first'][0]):.6f} | |")
+
+
 class PeakRSS:
     """Peak RSS while the block runs, sampled every millisecond in a thread (weights + activations + runtime)."""
 

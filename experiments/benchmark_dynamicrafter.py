@@ -12,9 +12,7 @@ torch wheel), so the PyTorch side is not run: JAX alone.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -22,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmark_cogvideox import PeakRSS, release_freed_memory  # noqa: E402
+from benchmark_cogvideox import measure_jitted, print_jax_only_table  # noqa: E402
 
 from anti_i2v_jax.backbones.dynamicrafter import DynamiCrafterBackbone, init_params  # noqa: E402
 from anti_i2v_jax.backbones.dynamicrafter.config import DynamiCrafterConfig  # noqa: E402
@@ -64,26 +62,13 @@ def main() -> None:
         noisy = backbone.add_noise(p, cond, jax.random.PRNGKey(0))
         return backbone.diffusion_loss(backbone.denoise(p, noisy, cond, text)[0], noisy)
 
-    t0 = time.perf_counter()
-    step = jax.jit(jax.value_and_grad(loss)).lower(image, params).compile()
-    compile_s = time.perf_counter() - t0
-    value, _ = jax.block_until_ready(step(image, params))
-    times = []
-    release_freed_memory()
-    with PeakRSS() as mem:
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(step(image, params))
-            times.append(time.perf_counter() - t0)
+    result = measure_jitted(jax.value_and_grad(loss), (image, params), args.repeats)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"DynamiCrafter attack step (VAE + CLIP + Resampler + 3-D U-Net, grad to a {config.height}x{config.width} "
-          f"image, {config.frames} frames), {n / 1e6:.0f}M params held, device {jax.devices()[0].device_kind}")
-    print("| | JAX (jit) | upstream PyTorch |")
-    print("|---|---|---|")
-    print(f"| median step | {statistics.median(times) * 1e3:.0f} ms | not run (see docstring) |")
-    print(f"| peak RSS during the steps | {mem.peak:.0f} MB | |")
-    print(f"| compile | {compile_s:.1f} s | |")
-    print(f"| loss | {float(value):.6f} | |")
+    print_jax_only_table(
+        f"DynamiCrafter attack step (VAE + CLIP + Resampler + 3-D U-Net, grad to a {config.height}x{config.width} "
+        f"image, {config.frames} frames), {n / 1e6:.0f}M params held, device {jax.devices()[0].device_kind}",
+        result,
+    )
 
 
 if __name__ == "__main__":

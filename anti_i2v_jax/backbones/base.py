@@ -93,6 +93,26 @@ class Backbone(Protocol):
         ...
 
 
+class AdapterDefaults:
+    """Shared by the adapters (frozen dataclasses with ``config``, ``layers`` and ``min_input_side``): the
+    model size from ``config.height``/``config.width``, and the two defaults filled in when left unset
+    (``layers`` from the adapter's ``default_layers(config)``)."""
+
+    @property
+    def model_size(self) -> tuple[int, int]:
+        return (self.config.height, self.config.width)
+
+    def preprocess(self, x: jax.Array) -> jax.Array:
+        """(H, W, 3) in [0, 1] at any size -> the model size in [-1, 1] (resize to cover, centre crop)."""
+        return to_signed(resize_center_crop(x, self.model_size))
+
+    def __post_init__(self):
+        if self.layers is None:
+            object.__setattr__(self, "layers", self.default_layers(self.config))
+        if not self.min_input_side:
+            object.__setattr__(self, "min_input_side", default_min_input_side(self.model_size))
+
+
 def default_min_input_side(model_size: tuple[int, int]) -> int:
     """Inputs whose shorter side is under a quarter of the model's (and under 16 px) are refused."""
     return max(16, min(model_size) // 4)

@@ -26,11 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from anti_i2v_jax.backbones.base import (
+    AdapterDefaults,
     LayerDefaults,
     Noisy,
-    default_min_input_side,
-    resize_center_crop,
-    to_signed,
 )
 from anti_i2v_jax.backbones.cogvideox import scheduler
 from anti_i2v_jax.backbones.cogvideox.config import CogVideoXConfig
@@ -60,7 +58,7 @@ def default_layers(config: CogVideoXConfig) -> LayerDefaults:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class CogVideoXBackbone:
+class CogVideoXBackbone(AdapterDefaults):
     """CogVideoX-I2V for the attack. ``text_encoder`` maps a prompt to (L, text_dim) embeddings on the host."""
 
     name: str
@@ -71,17 +69,9 @@ class CogVideoXBackbone:
     min_input_side: int = 0
     layers: LayerDefaults = None  # type: ignore[assignment]
 
-    def __post_init__(self):
-        if self.layers is None:
-            object.__setattr__(self, "layers", default_layers(self.config))
-        if not self.min_input_side:
-            object.__setattr__(self, "min_input_side", default_min_input_side(self.model_size))
+    default_layers = staticmethod(default_layers)
 
     # ------------------------------------------------------------------------------ geometry
-
-    @property
-    def model_size(self) -> tuple[int, int]:
-        return (self.config.height, self.config.width)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -101,10 +91,6 @@ class CogVideoXBackbone:
         return AutoencoderKLCogVideoX(self.config.vae)
 
     # ------------------------------------------------------------------------------ protocol
-
-    def preprocess(self, x: jax.Array) -> jax.Array:
-        """(H, W, 3) in [0, 1] at any size -> (model H, model W, 3) in [-1, 1] (resize to cover, centre crop)."""
-        return to_signed(resize_center_crop(x, self.model_size))
 
     def encode_text(self, params, prompt: str) -> jax.Array:
         """(L, text_dim) prompt embeddings (T5 last hidden state, no attention mask, as the pipeline)."""

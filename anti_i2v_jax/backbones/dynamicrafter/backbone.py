@@ -28,11 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from anti_i2v_jax.backbones.base import (
+    AdapterDefaults,
     LayerDefaults,
     Noisy,
-    default_min_input_side,
-    resize_center_crop,
-    to_signed,
 )
 from anti_i2v_jax.backbones.dynamicrafter import diffusion as dm
 from anti_i2v_jax.backbones.dynamicrafter.config import DynamiCrafterConfig
@@ -85,7 +83,7 @@ class ByteTokenizer:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DynamiCrafterBackbone:
+class DynamiCrafterBackbone(AdapterDefaults):
     """DynamiCrafter I2V for the attack. ``tokenizer(prompt) -> (77,) ids`` (OpenCLIP's, or the tiny stand-in)."""
 
     name: str
@@ -96,15 +94,7 @@ class DynamiCrafterBackbone:
     min_input_side: int = 0
     layers: LayerDefaults = None  # type: ignore[assignment]
 
-    def __post_init__(self):
-        if self.layers is None:
-            object.__setattr__(self, "layers", default_layers(self.config))
-        if not self.min_input_side:
-            object.__setattr__(self, "min_input_side", default_min_input_side(self.model_size))
-
-    @property
-    def model_size(self) -> tuple[int, int]:
-        return (self.config.height, self.config.width)
+    default_layers = staticmethod(default_layers)
 
     @functools.cached_property
     def tables(self) -> dict[str, np.ndarray]:
@@ -115,9 +105,6 @@ class DynamiCrafterBackbone:
         """Everything but the VAE decoder (the step never decodes)."""
         vae = {k: v for k, v in self.params["vae"].items() if k not in ("decoder", "post_quant_conv")}
         return {**self.params, "vae": vae}
-
-    def preprocess(self, x):
-        return to_signed(resize_center_crop(x, self.model_size))
 
     def encode_text(self, params, prompt: str) -> jax.Array:
         """(77, context_dim): the OpenCLIP text tower's penultimate layer after ``ln_final``."""

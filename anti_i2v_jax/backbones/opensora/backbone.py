@@ -24,11 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from anti_i2v_jax.backbones.base import (
+    AdapterDefaults,
     LayerDefaults,
     Noisy,
-    default_min_input_side,
-    resize_center_crop,
-    to_signed,
 )
 from anti_i2v_jax.backbones.opensora import rflow
 from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3, STDiT3Config
@@ -87,7 +85,7 @@ def default_layers(config: OpenSoraConfig) -> LayerDefaults:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class OpenSoraBackbone:
+class OpenSoraBackbone(AdapterDefaults):
     """Open-Sora 1.2 I2V for the attack. ``text_encoder(prompt) -> (embeddings (L, C), mask (L,))``."""
 
     name: str
@@ -98,15 +96,7 @@ class OpenSoraBackbone:
     min_input_side: int = 0
     layers: LayerDefaults = None  # type: ignore[assignment]
 
-    def __post_init__(self):
-        if self.layers is None:
-            object.__setattr__(self, "layers", default_layers(self.config))
-        if not self.min_input_side:
-            object.__setattr__(self, "min_input_side", default_min_input_side(self.model_size))
-
-    @property
-    def model_size(self) -> tuple[int, int]:
-        return (self.config.height, self.config.width)
+    default_layers = staticmethod(default_layers)
 
     @functools.cached_property
     def attack_params(self) -> dict:
@@ -120,9 +110,6 @@ class OpenSoraBackbone:
     def x_mask(self) -> np.ndarray:
         """(F,) bool: frame 0 is the conditioning image, the rest are generated."""
         return np.arange(self.config.latent_frames) > 0
-
-    def preprocess(self, x):
-        return to_signed(resize_center_crop(x, self.model_size))
 
     def encode_text(self, params, prompt: str):
         cfg = self.config.stdit
