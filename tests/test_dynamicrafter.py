@@ -71,8 +71,8 @@ def vae_outputs(case, file_name) -> dict[str, np.ndarray]:
     import yaml
 
     from anti_i2v_jax.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-    from weights_convert.core import SafetensorsSource, TorchCheckpointSource, convert
-    from weights_convert.dynamicrafter import ldm_vae_rules
+    from weights_convert.core import PrefixSource, convert
+    from weights_convert.dynamicrafter import checkpoint_source, ldm_vae_rules
 
     ddconfig = yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
     levels = len(ddconfig["ch_mult"])
@@ -84,17 +84,9 @@ def vae_outputs(case, file_name) -> dict[str, np.ndarray]:
     model = AutoencoderKL(cfg, taps=taps)
     _, inp, _ = load_case(case)
     image = inp["image"].transpose(0, 2, 3, 1)
-    path = case / file_name
-    source = TorchCheckpointSource(path) if path.suffix == ".ckpt" else SafetensorsSource(path)
-
-    class FirstStage:
-        def keys(self):
-            return [k for k in source.keys() if k.startswith("first_stage_model.")]
-
-        shape, load = staticmethod(source.shape), staticmethod(source.load)
-
+    source = PrefixSource(checkpoint_source(case / file_name), "first_stage_model.")
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image))["params"]
-    params, _ = convert(FirstStage(), ldm_vae_rules(levels), abstract)
+    params, _ = convert(source, ldm_vae_rules(levels), abstract)
     (mean, logvar), state = model.apply({"params": params}, image, method=model.encode, mutable=["intermediates"])
     nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731
     out = {"vae.posterior_mean": nchw(mean), "vae.posterior_logvar": nchw(logvar)}
@@ -139,9 +131,10 @@ def conditioning_outputs(case, file_name) -> dict[str, np.ndarray]:
         ResamplerConfig,
     )
     from anti_i2v_jax.backbones.text.openclip_text import TextConfig, TextTower
-    from weights_convert.core import SafetensorsSource, TorchCheckpointSource, convert
+    from weights_convert.core import PrefixSource, convert
     from weights_convert.dynamicrafter import (
         RESAMPLER_RULES,
+        checkpoint_source,
         clip_text_rules,
         clip_vision_rules,
     )
@@ -152,17 +145,8 @@ def conditioning_outputs(case, file_name) -> dict[str, np.ndarray]:
     text = TextConfig(**arch["text_cfg"])
     resampler = ResamplerConfig(**params_cfg["image_proj_stage_config"]["params"])
     _, inp, _ = load_case(case)
-    path = case / file_name
-    source = TorchCheckpointSource(path) if path.suffix == ".ckpt" else SafetensorsSource(path)
-
-    def part(prefix):
-        class Part:
-            def keys(self):
-                return [k for k in source.keys() if k.startswith(prefix)]
-
-            shape, load = staticmethod(source.shape), staticmethod(source.load)
-
-        return Part()
+    source = checkpoint_source(case / file_name)
+    part = lambda prefix: PrefixSource(source, prefix)  # noqa: E731
 
     nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731
     out = {}
@@ -261,19 +245,12 @@ def unet_outputs(case, file_name) -> dict[str, np.ndarray]:
     import yaml
 
     from anti_i2v_jax.backbones.dynamicrafter.unet import UNetConfig, UNetModel
-    from weights_convert.core import SafetensorsSource, TorchCheckpointSource, convert
-    from weights_convert.dynamicrafter import UNET_RULES
+    from weights_convert.core import PrefixSource, convert
+    from weights_convert.dynamicrafter import UNET_RULES, checkpoint_source
 
     cfg = UNetConfig.from_ldm(yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["unet_config"]["params"])
     _, inp, expected = load_case(case)
-    path = case / file_name
-    source = TorchCheckpointSource(path) if path.suffix == ".ckpt" else SafetensorsSource(path)
-
-    class Part:
-        def keys(self):
-            return [k for k in source.keys() if k.startswith("model.diffusion_model.")]
-
-        shape, load = staticmethod(source.shape), staticmethod(source.load)
+    source = PrefixSource(checkpoint_source(case / file_name), "model.diffusion_model.")
 
     cond = conditioning_outputs(case, file_name)
     x_t = expected["diffusion.x_t"].transpose(0, 2, 3, 4, 1)  # (B, T, h, w, C); checked against the port above
@@ -283,7 +260,7 @@ def unet_outputs(case, file_name) -> dict[str, np.ndarray]:
     taps = tuple(name[len("unet."):] for name in UNET_OUTPUTS if name not in ("unet.out", "loss"))
     model = UNetModel(cfg, taps=taps)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, inp["t"], context, inp["fs"]))["params"]
-    params, _ = convert(Part(), UNET_RULES, abstract)
+    params, _ = convert(source, UNET_RULES, abstract)
     out, state = model.apply({"params": params}, x, inp["t"], context, inp["fs"], mutable=["intermediates"])
     result = {"unet.out": np.asarray(out).transpose(0, 4, 1, 2, 3)}
     for t in taps:
@@ -315,7 +292,7 @@ def test_ddim_with_guidance_rescale_matches_upstream(output, steps):
         schedule,
     )
     from anti_i2v_jax.backbones.dynamicrafter.unet import UNetConfig, UNetModel
-    from weights_convert.core import SafetensorsSource, convert
+    from weights_convert.core import PrefixSource, SafetensorsSource, convert
     from weights_convert.dynamicrafter import UNET_RULES
 
     for case in CASES:
@@ -323,13 +300,7 @@ def test_ddim_with_guidance_rescale_matches_upstream(output, steps):
         if output not in expected:
             continue
         cfg = UNetConfig.from_ldm(yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["unet_config"]["params"])
-        source = SafetensorsSource(case / "model.safetensors")
-
-        class Part:
-            def keys(self):
-                return [k for k in source.keys() if k.startswith("model.diffusion_model.")]
-
-            shape, load = staticmethod(source.shape), staticmethod(source.load)
+        source = PrefixSource(SafetensorsSource(case / "model.safetensors"), "model.diffusion_model.")
 
         cond = conditioning_outputs(case, "model.safetensors")
         contexts = {
@@ -342,7 +313,7 @@ def test_ddim_with_guidance_rescale_matches_upstream(output, steps):
         model = UNetModel(cfg)
         abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.concatenate([x_T, c_concat], -1),
                                                      inp["t"], contexts[True], inp["fs"]))["params"]
-        params, _ = convert(Part(), UNET_RULES, abstract)
+        params, _ = convert(source, UNET_RULES, abstract)
         apply = jax.jit(lambda x, t, ctx: model.apply({"params": params}, jnp.concatenate([x, c_concat], -1),
                                                       jnp.full((1,), t), ctx, inp["fs"]))
         dcfg = DiffusionConfig()

@@ -21,7 +21,8 @@ from anti_i2v_jax.backbones.cogvideox.config import (
     VAEConfig,
     config_to_json,
 )
-from anti_i2v_jax.backbones.text.t5 import T5Config, T5EncoderModel
+from anti_i2v_jax.backbones.text.t5 import T5Config
+from anti_i2v_jax.backbones.text.t5 import abstract_params as t5_abstract
 from anti_i2v_jax.configs import read_json
 from anti_i2v_jax.errors import UserError
 from weights_convert.core import TORCH, Report, Rule, SafetensorsSource, convert
@@ -70,14 +71,6 @@ def read_configs(src: Path) -> tuple[CogVideoXConfig, T5Config | None]:
     if (src / "text_encoder" / "config.json").is_file():
         t5 = T5Config.from_transformers(read_json(src / "text_encoder" / "config.json"), f"{src}/text_encoder/config.json")
     return config, t5
-
-
-def t5_abstract(config: T5Config) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    model = T5EncoderModel(config)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
 
 
 def components(src: Path, config: CogVideoXConfig, t5: T5Config | None, with_text: bool = True):

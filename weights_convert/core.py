@@ -281,6 +281,22 @@ class TorchCheckpointSource:
         return t.numpy()
 
 
+class PrefixSource:
+    """The tensors of ``source`` whose names start with ``prefix`` (names kept whole): one part of a checkpoint."""
+
+    def __init__(self, source, prefix: str):
+        self.source, self.prefix, self.path = source, prefix, getattr(source, "path", "<source>")
+
+    def keys(self) -> list[str]:
+        return [k for k in self.source.keys() if k.startswith(self.prefix)]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.source.shape(key)
+
+    def load(self, key: str) -> np.ndarray:
+        return self.source.load(key)
+
+
 class DictSource:
     """Tensors already in memory (e.g. from a torch state dict converted to numpy)."""
 

@@ -138,7 +138,8 @@ def _check_schedule(source, config, what: str) -> None:
                 raise UserError(f"{what}: the checkpoint's {name} differs from the schedule config.yaml describes")
 
 
-def _source(src: Path):
+def checkpoint_source(src: Path):
+    """A ``.safetensors`` file by its header, anything else as a PyTorch checkpoint."""
     from weights_convert.core import SafetensorsSource, TorchCheckpointSource
 
     src = Path(src)
@@ -153,7 +154,7 @@ def load(src, config_yaml, *, dtype=None, dry_run: bool = False):
     from weights_convert.core import convert
 
     config = from_yaml(yaml.safe_load(Path(config_yaml).read_text()), str(config_yaml))
-    source = _source(src)
+    source = checkpoint_source(src)
     rules, unused = rules_for(config)
     if not dry_run:
         _check_schedule(source, config, str(src))

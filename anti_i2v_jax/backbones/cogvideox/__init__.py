@@ -45,12 +45,7 @@ def tiny_backbone(seed: int = 0) -> CogVideoXBackbone:
 def load_converted(path: str | Path, name: str | None = None, expect_variant: str | None = None) -> CogVideoXBackbone:
     """A backbone from a folder written by ``python -m weights_convert cogvideox``."""
     from anti_i2v_jax.backbones.base import restore_converted
-    from anti_i2v_jax.backbones.text.t5 import (
-        T5Config,
-        T5EncoderModel,
-        T5TextEncoder,
-        load_tokenizer,
-    )
+    from anti_i2v_jax.backbones.text import t5 as t5_lib
 
     path = Path(path).expanduser().absolute()
     raw = read_json(path / "config.json")
@@ -60,17 +55,15 @@ def load_converted(path: str | Path, name: str | None = None, expect_variant: st
     abstract = abstract_params(config)
     t5 = None
     if t5_raw is not None:
-        t5 = T5Config(**t5_raw)
-        abstract["text_encoder"] = jax.eval_shape(
-            T5EncoderModel(t5).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
-        )["params"]
+        t5 = t5_lib.T5Config(**t5_raw)
+        abstract["text_encoder"] = t5_lib.abstract_params(t5)
     dtype = jnp.bfloat16 if raw.get("dtype") == "bfloat16" else jnp.float32
     params = restore_converted(path, abstract, dtype)
     text = None
     if t5 is not None:
-        if not (path / "tokenizer").is_dir():
-            raise UserError(f"{path}: has a text encoder but no tokenizer/ folder")
-        text = T5TextEncoder(t5, params["text_encoder"], load_tokenizer(path / "tokenizer"), config.transformer.max_text_seq_length)
+        text = t5_lib.converted_text_encoder(
+            path, t5, params["text_encoder"], config.transformer.max_text_seq_length, with_mask=False
+        )
     return CogVideoXBackbone(
         name=name or variant, config=config, params={k: params[k] for k in ("vae", "transformer")}, text_encoder=text
     )

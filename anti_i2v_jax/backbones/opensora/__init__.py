@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
 from anti_i2v_jax.backbones.opensora.backbone import (
@@ -21,23 +20,22 @@ from anti_i2v_jax.errors import UserError
 TINY_T5 = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=80, num_layers=2, num_heads=4)
 
 
-def _t5_abstract(t5):
-    from anti_i2v_jax.backbones.text.t5 import T5EncoderModel
-
-    return jax.eval_shape(T5EncoderModel(t5).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-
-
 def tiny_backbone(seed: int = 0) -> OpenSoraBackbone:
     """``opensora-tiny``: the tiny config with seeded random weights and a tiny random T5 over UTF-8 bytes.
 
     A pipeline demo: every part of the attack runs in seconds; it gives no real protection.
     """
-    from anti_i2v_jax.backbones.text.t5 import ByteTokenizer, T5Config, T5TextEncoder
+    from anti_i2v_jax.backbones.text.t5 import (
+        ByteTokenizer,
+        T5Config,
+        T5TextEncoder,
+        abstract_params,
+    )
     from anti_i2v_jax.nn.init import seeded_params
 
     config = tiny()
     t5 = T5Config(**TINY_T5)
-    text = T5TextEncoder(t5, seeded_params(_t5_abstract(t5), seed + 1), ByteTokenizer(t5.vocab_size),
+    text = T5TextEncoder(t5, seeded_params(abstract_params(t5), seed + 1), ByteTokenizer(t5.vocab_size),
                          config.stdit.model_max_length, with_mask=True)
     return OpenSoraBackbone(name="opensora-tiny", config=config, params=init_params(config, seed), text_encoder=text)
 
@@ -49,7 +47,7 @@ def load_converted(path: str | Path, name: str = "opensora-1.2") -> OpenSoraBack
     from anti_i2v_jax.backbones.base import restore_converted
     from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3Config
     from anti_i2v_jax.backbones.opensora.vae import TemporalVAEConfig, VideoVAEConfig
-    from anti_i2v_jax.backbones.text.t5 import T5Config, T5TextEncoder, load_tokenizer
+    from anti_i2v_jax.backbones.text import t5 as t5_lib
     from anti_i2v_jax.configs import read_json
     from anti_i2v_jax.nn.autoencoder_kl import AutoencoderKLConfig
 
@@ -68,17 +66,15 @@ def load_converted(path: str | Path, name: str = "opensora-1.2") -> OpenSoraBack
         ),
     )
     abstract = abstract_params(config)
-    t5 = T5Config(**raw["text_encoder"]) if raw.get("text_encoder") else None
+    t5 = t5_lib.T5Config(**raw["text_encoder"]) if raw.get("text_encoder") else None
     if t5 is not None:
-        abstract["text_encoder"] = _t5_abstract(t5)
+        abstract["text_encoder"] = t5_lib.abstract_params(t5)
     dtype = jnp.bfloat16 if raw.get("dtype") == "bfloat16" else jnp.float32
     params = restore_converted(path, abstract, dtype)
     text = None
     if t5 is not None:
-        if not (path / "tokenizer").is_dir():
-            raise UserError(f"{path}: has a text encoder but no tokenizer/ folder")
-        text = T5TextEncoder(t5, params.pop("text_encoder"), load_tokenizer(path / "tokenizer"),
-                             config.stdit.model_max_length, with_mask=True)
+        text = t5_lib.converted_text_encoder(path, t5, params.pop("text_encoder"), config.stdit.model_max_length,
+                                             with_mask=True)
     return OpenSoraBackbone(name=name, config=config, params=params, text_encoder=text)
 
 

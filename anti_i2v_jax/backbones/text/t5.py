@@ -244,6 +244,18 @@ class ByteTokenizer:
         return {"input_ids": ids + [self.pad_id] * pad, "attention_mask": [1] * len(ids) + [0] * pad}
 
 
+def abstract_params(config: T5Config) -> dict:
+    """The encoder's parameter tree as ShapeDtypeStructs (no allocation, no compile)."""
+    return jax.eval_shape(T5EncoderModel(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def converted_text_encoder(path: Path, config: T5Config, params, max_length: int, *, with_mask: bool) -> T5TextEncoder:
+    """The text encoder of a converted-weights folder: its T5 parameters and its ``tokenizer/`` folder."""
+    if not (Path(path) / "tokenizer").is_dir():
+        raise UserError(f"{path}: has a text encoder but no tokenizer/ folder")
+    return T5TextEncoder(config, params, load_tokenizer(Path(path) / "tokenizer"), max_length, with_mask=with_mask)
+
+
 def load_tokenizer(path: str | Path):
     """A T5 tokenizer from a local folder (``tokenizer/`` of a diffusers checkpoint); never the network."""
     try:
