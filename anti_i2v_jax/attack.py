@@ -490,7 +490,8 @@ class Protector:
 
     def _text(self, prompt: str):
         if prompt not in self._texts:
-            self._texts[prompt] = self.backbone.encode_text(self._params, prompt)
+            # the full parameters: a step's own (attack_params) may leave the text encoder out
+            self._texts[prompt] = self.backbone.encode_text(self.backbone.params, prompt)
         return self._texts[prompt]
 
     def protect(

@@ -102,6 +102,38 @@ class AdapterDefaults:
     def model_size(self) -> tuple[int, int]:
         return (self.config.height, self.config.width)
 
+    @property
+    def compute_dtype(self):
+        """The dtype the networks run in under this adapter's ``precision`` (see ``anti_i2v_jax.precision``)."""
+        from anti_i2v_jax.precision import compute_dtype
+
+        return compute_dtype(self.precision)
+
+    def cast(self, tree):
+        """Floating leaves of ``tree`` (weights or network inputs) in the compute dtype."""
+        from anti_i2v_jax.precision import cast_floating
+
+        return cast_floating(tree, self.compute_dtype)
+
+    def configured(self, *, precision: str | None = None, remat: bool | None = None,
+                   remat_policy: str | None = None):
+        """A copy with another precision (``fp32``/``bf16``) and/or rematerialisation of the denoiser's
+        blocks (``remat``; ``remat_policy`` names what a block keeps, see ``anti_i2v_jax.nn.remat``)."""
+        import dataclasses
+
+        from anti_i2v_jax.nn.remat import check_policy
+        from anti_i2v_jax.precision import compute_dtype
+
+        changes = {}
+        if precision is not None:
+            compute_dtype(precision)
+            changes["precision"] = precision
+        if remat is not None or remat_policy is not None:
+            if remat_policy is not None:
+                check_policy(remat_policy)
+            changes["config"] = self.with_remat(self.config, remat, remat_policy)
+        return dataclasses.replace(self, **changes) if changes else self
+
     def preprocess(self, x: jax.Array) -> jax.Array:
         """(H, W, 3) in [0, 1] at any size -> the model size in [-1, 1] (resize to cover, centre crop)."""
         return to_signed(resize_center_crop(x, self.model_size))
@@ -111,6 +143,11 @@ class AdapterDefaults:
             object.__setattr__(self, "layers", self.default_layers(self.config))
         if not self.min_input_side:
             object.__setattr__(self, "min_input_side", default_min_input_side(self.model_size))
+
+
+def remat_switches(remat: bool | None, policy: str | None) -> dict:
+    """The denoiser-config fields to replace for :meth:`AdapterDefaults.configured` (None: keep)."""
+    return {k: v for k, v in (("remat", remat), ("remat_policy", policy)) if v is not None}
 
 
 def default_min_input_side(model_size: tuple[int, int]) -> int:

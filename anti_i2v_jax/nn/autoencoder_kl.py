@@ -13,10 +13,10 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from anti_i2v_jax.configs import parse_config
+from anti_i2v_jax.nn.attention import attention
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,8 +90,8 @@ class AttentionBlock(nn.Module):
         n, h, w, c = x.shape
         t = _group_norm(self.groups, "group_norm")(x).reshape(n, h * w, c)  # (N, HW, C)
         q, k, v = (nn.Dense(c, name=name)(t) for name in ("to_q", "to_k", "to_v"))
-        weights = jax.nn.softmax(jnp.einsum("nqc,nkc->nqk", q, k).astype(jnp.float32) / math.sqrt(c), axis=-1)
-        out = jnp.einsum("nqk,nkc->nqc", weights.astype(v.dtype), v)
+        # (N, HW, C) -> (N, HW, 1, C): one head
+        out = attention(q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0 / math.sqrt(c))[:, :, 0]
         return x + nn.Dense(c, name="to_out_0")(out).reshape(n, h, w, c)
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from anti_i2v_jax.nn.attention import attention
 
 
 class MultiheadAttention(nn.Module):
@@ -28,10 +29,7 @@ class MultiheadAttention(nn.Module):
         b, n, _ = x.shape
         qkv = x @ in_w.T + in_b  # (B, L, 3W), [q | k | v]
         q, k, v = (t.reshape(b, n, h, w // h) for t in jnp.split(qkv, 3, axis=-1))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q / math.sqrt(w // h), k)
-        if mask is not None:
-            scores = scores + mask
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, n, w)
+        out = attention(q, k, v, scale=1.0 / math.sqrt(w // h), bias=mask).reshape(b, n, w)
         return nn.Dense(w, name="out_proj")(out)
 
 

@@ -29,6 +29,7 @@ from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
     LayerDefaults,
     Noisy,
+    remat_switches,
 )
 from anti_i2v_jax.backbones.cogvideox import scheduler
 from anti_i2v_jax.backbones.cogvideox.config import CogVideoXConfig
@@ -68,8 +69,13 @@ class CogVideoXBackbone(AdapterDefaults):
     reference_latents: np.ndarray | None = None  # (F, h, w, C) clean video latents; None: the image repeated
     min_input_side: int = 0
     layers: LayerDefaults = None  # type: ignore[assignment]
+    precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
 
     default_layers = staticmethod(default_layers)
+
+    @staticmethod
+    def with_remat(config: CogVideoXConfig, remat, policy) -> CogVideoXConfig:
+        return dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, **remat_switches(remat, policy)))
 
     # ------------------------------------------------------------------------------ geometry
 
@@ -103,7 +109,7 @@ class CogVideoXBackbone(AdapterDefaults):
     def attack_params(self) -> dict:
         """What a protection step needs: the image encoder with its temporal taps summed (exact for one
         frame, a third of the encoder's weights, no decoder) and the transformer."""
-        return {"vae_image": image_encoder_params(self.params["vae"]), "transformer": self.params["transformer"]}
+        return self.cast({"vae_image": image_encoder_params(self.params["vae"]), "transformer": self.params["transformer"]})
 
     def encode_image(self, params, x, key=None, *, vae_layers: Sequence[str] = ()):
         """Image latent z (1, h, w, C), unscaled, and the requested VAE taps (of one 1-frame encode).
@@ -115,10 +121,10 @@ class CogVideoXBackbone(AdapterDefaults):
             self.config.vae, taps=tuple(t for t in vae_layers if t != "latent"), image_only=image_only
         )
         (mean, logvar), state = model.apply(
-            {"params": params["vae_image" if image_only else "vae"]}, self.preprocess(x)[None, None],
+            {"params": self.cast(params["vae_image" if image_only else "vae"])}, self.cast(self.preprocess(x)[None, None]),
             method=model.encode, mutable=["intermediates"],
         )
-        z = sample_posterior(mean, logvar, key)[0]
+        z = sample_posterior(mean.astype(jnp.float32), logvar.astype(jnp.float32), key)[0]
         inter = state.get("intermediates", {}).get("encoder", {})
         taps = {name: inter[f"tap:{name}"][0] for name in vae_layers if name != "latent"}
         return z, taps
@@ -165,16 +171,16 @@ class CogVideoXBackbone(AdapterDefaults):
         model = CogVideoXTransformer3DModel(cfg, taps=tuple(taps))
         ofs = jnp.full((z_t.shape[0],), 2.0) if cfg.ofs_embed_dim is not None else None
         out, state = model.apply(
-            {"params": params["transformer"]},
-            jnp.concatenate([z_t, image_latents], axis=-1),
-            text,
+            {"params": self.cast(params["transformer"])},
+            self.cast(jnp.concatenate([z_t, image_latents], axis=-1)),
+            self.cast(text),
             t,
-            self._rope(),
+            self._rope(),  # float32 tables: RoPE is applied in float32, whatever the precision
             ofs,
             mutable=["intermediates"],
         )
         video, _ = block_taps(state, taps)
-        return out, video
+        return out.astype(jnp.float32), video
 
     def generate(
         self,

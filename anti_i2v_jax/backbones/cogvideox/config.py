@@ -95,6 +95,7 @@ class TransformerConfig:
     # Execution switches (not in diffusers): scan the block stack, rematerialise each block.
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps (anti_i2v_jax.nn.remat)
 
     IGNORED = frozenset({"dropout", "timestep_activation_fn", "activation_fn"})
 

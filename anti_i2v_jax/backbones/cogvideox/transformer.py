@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from anti_i2v_jax.backbones.cogvideox.config import TransformerConfig
+from anti_i2v_jax.nn.attention import attention
+from anti_i2v_jax.nn.remat import maybe_remat
 from anti_i2v_jax.nn.embeddings import (
     apply_interleaved_rope,
     sincos_1d,
@@ -180,7 +182,7 @@ class Attention(nn.Module):
             cos, sin = (r[:, None, :] for r in rope)  # (N_video, 1, head_dim)
             q = jnp.concatenate([q[:, :text_len], apply_interleaved_rope(q[:, text_len:], cos, sin)], axis=1)
             k = jnp.concatenate([k[:, :text_len], apply_interleaved_rope(k[:, text_len:], cos, sin)], axis=1)
-        out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hd))
+        out = attention(q, k, v, scale=1.0 / math.sqrt(hd))
         return nn.Dense(cfg.inner_dim, use_bias=True, name="to_out_0")(out.reshape(b, n, heads * hd))
 
 
@@ -279,9 +281,9 @@ class CogVideoXTransformer3DModel(nn.Module):
         if not cfg.use_rotary_positional_embeddings:
             rope = None
 
-        block_cls = nn.remat(Block) if cfg.remat else Block
+        block_cls = maybe_remat(Block, cfg.remat, cfg.remat_policy)
         if cfg.scan_layers:
-            body = _ScanBlock if not cfg.remat else nn.remat(_ScanBlock, prevent_cse=False)
+            body = maybe_remat(_ScanBlock, cfg.remat, cfg.remat_policy, prevent_cse=False)
             stack = nn.scan(
                 body,
                 variable_axes={"params": 0},

@@ -31,6 +31,7 @@ from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
     LayerDefaults,
     Noisy,
+    remat_switches,
 )
 from anti_i2v_jax.backbones.dynamicrafter import diffusion as dm
 from anti_i2v_jax.backbones.dynamicrafter.config import DynamiCrafterConfig
@@ -93,8 +94,13 @@ class DynamiCrafterBackbone(AdapterDefaults):
     fs: int | None = None  # fps (512/1024) or frame stride (256); None: the U-Net's default_fs
     min_input_side: int = 0
     layers: LayerDefaults = None  # type: ignore[assignment]
+    precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
 
     default_layers = staticmethod(default_layers)
+
+    @staticmethod
+    def with_remat(config: DynamiCrafterConfig, remat, policy) -> DynamiCrafterConfig:
+        return dataclasses.replace(config, unet=dataclasses.replace(config.unet, **remat_switches(remat, policy)))
 
     @functools.cached_property
     def tables(self) -> dict[str, np.ndarray]:
@@ -102,29 +108,32 @@ class DynamiCrafterBackbone(AdapterDefaults):
 
     @functools.cached_property
     def attack_params(self) -> dict:
-        """Everything but the VAE decoder (the step never decodes)."""
+        """Everything a step runs: no VAE decoder (the step never decodes) and no text tower (prompts are
+        encoded once, before the loop, from :attr:`params`)."""
         vae = {k: v for k, v in self.params["vae"].items() if k not in ("decoder", "post_quant_conv")}
-        return {**self.params, "vae": vae}
+        return self.cast({**{k: v for k, v in self.params.items() if k != "clip_text"}, "vae": vae})
 
     def encode_text(self, params, prompt: str) -> jax.Array:
         """(77, context_dim): the OpenCLIP text tower's penultimate layer after ``ln_final``."""
         if self.tokenizer is None:
             raise ValueError(f"{self.name} has no tokenizer: convert with one, or pass token ids yourself")
         ids = jnp.asarray(self.tokenizer(prompt))[None]
-        return TextTower(self.config.text).apply({"params": params["clip_text"]}, ids)[0]
+        return TextTower(self.config.text).apply({"params": params["clip_text"]}, ids)[0].astype(jnp.float32)
 
     def image_tokens(self, params, image):
         """Resampler tokens (T*16, context_dim) of an image already in [-1, 1] at the model size."""
-        tokens = VisionTower(self.config.vision).apply({"params": params["clip_image"]}, clip_preprocess(image[None]))
-        return Resampler(self.config.resampler).apply({"params": params["resampler"]}, tokens)[0]
+        tokens = VisionTower(self.config.vision).apply({"params": self.cast(params["clip_image"])},
+                                                       self.cast(clip_preprocess(image[None])))
+        return Resampler(self.config.resampler).apply({"params": self.cast(params["resampler"])}, tokens)[0].astype(jnp.float32)
 
     def condition(self, params, x, key, *, vae_layers: Sequence[str] = ()):
         cfg = self.config
         img = self.preprocess(x)
         taps = tuple(t for t in vae_layers if t != "latent")
         vae = AutoencoderKL(cfg.vae, taps=taps)
-        (mean, logvar), state = vae.apply({"params": params["vae"]}, img[None], method=vae.encode,
+        (mean, logvar), state = vae.apply({"params": self.cast(params["vae"])}, self.cast(img[None]), method=vae.encode,
                                          mutable=["intermediates"])
+        mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
         z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
         z = z[0] * cfg.diffusion.scale_factor  # (h, w, 4)
         inter = state.get("intermediates", {})
@@ -157,10 +166,10 @@ class DynamiCrafterBackbone(AdapterDefaults):
         names = unet_block_names(self.config)
         model = UNetModel(self.config.unet, taps=tuple(names[i] for i in taps))
         fs = None if self.fs is None else jnp.full((z_t.shape[0],), self.fs)
-        out, state = model.apply({"params": params["unet"]}, jnp.concatenate([z_t, c_concat], -1), t, context, fs,
-                                 mutable=["intermediates"])
+        out, state = model.apply({"params": self.cast(params["unet"])}, self.cast(jnp.concatenate([z_t, c_concat], -1)),
+                                 t, self.cast(context), fs, mutable=["intermediates"])
         inter = state.get("intermediates", {})
-        return out, {i: inter[f"tap:{names[i]}"][0] for i in taps}
+        return out.astype(jnp.float32), {i: inter[f"tap:{names[i]}"][0] for i in taps}
 
     def generate(self, image, prompt, *, negative_prompt="", num_inference_steps=50, guidance_scale=None, seed=0):
         """I2V as the DynamiCrafter inference script (DDIM, eta 0, CFG with the empty prompt and a grey image)."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from anti_i2v_jax.nn.attention import attention
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,9 +44,8 @@ class PerceiverAttention(nn.Module):
         q = nn.Dense(inner, use_bias=False, name="to_q")(latents)
         k, v = jnp.split(nn.Dense(2 * inner, use_bias=False, name="to_kv")(jnp.concatenate([x, latents], 1)), 2, -1)
         heads = lambda t: t.reshape(b, t.shape[1], cfg.heads, cfg.dim_head)  # noqa: E731  (B, L, H, d)
-        s = cfg.dim_head**-0.25
-        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", heads(q) * s, heads(k) * s).astype(jnp.float32), axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", w.astype(v.dtype), heads(v)).reshape(b, n, inner)
+        s = cfg.dim_head**-0.25  # upstream scales q and k by d^-1/4 each
+        out = attention(heads(q) * s, heads(k) * s, heads(v), scale=1.0).reshape(b, n, inner)
         return nn.Dense(cfg.dim, use_bias=False, name="to_out")(out)
 
 

@@ -12,11 +12,12 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from anti_i2v_jax.configs import parse_config
+from anti_i2v_jax.nn.attention import attention
 from anti_i2v_jax.nn.embeddings import timestep_embedding
+from anti_i2v_jax.nn.remat import maybe_remat
 
 TEXT_TOKENS = 77
 IMAGE_TOKENS_PER_FRAME = 16
@@ -45,7 +46,9 @@ class UNetConfig:
     default_fs: int = 24
     fs_condition: bool = True
     temporal_length: int = 16
+    # Execution switches (not upstream): rematerialise every ResBlock, spatial and temporal transformer.
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps (anti_i2v_jax.nn.remat)
 
     IGNORED = frozenset({"dropout", "use_checkpoint", "use_relative_position", "use_causal_attention"})
 
@@ -124,8 +127,7 @@ class CrossAttention(nn.Module):
         q = split(dense("to_q")(x))
 
         def attend(k, v):
-            s = jnp.einsum("bqhd,bkhd->bhqk", q, split(k)) * self.dim_head**-0.5
-            return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), split(v))
+            return attention(q, split(k), split(v), scale=self.dim_head**-0.5)
 
         if context is None:
             out = attend(dense("to_k")(x), dense("to_v")(x))
@@ -246,7 +248,8 @@ class UNetModel(nn.Module):
         cfg = self.config
         b, t = x.shape[:2]
         mc, emb_dim = cfg.model_channels, cfg.model_channels * 4
-        emb = timestep_embedding(timesteps, mc, flip_sin_to_cos=True, downscale_freq_shift=0.0)
+        # float32 frequency tables, cast to the compute dtype (x's) before the MLPs
+        emb = timestep_embedding(timesteps, mc, flip_sin_to_cos=True, downscale_freq_shift=0.0).astype(x.dtype)
         emb = nn.Dense(emb_dim, name="time_embed_2")(nn.silu(nn.Dense(emb_dim, name="time_embed_0")(emb)))
         self._sow("time_embed", emb)
         # Per-frame context: text repeated, image tokens split by frame, when the length says so (upstream's rule).
@@ -259,18 +262,18 @@ class UNetModel(nn.Module):
         emb = jnp.repeat(emb, t, axis=0)
         if cfg.fs_condition:
             fs = jnp.full((b,), cfg.default_fs) if fs is None else fs
-            f = timestep_embedding(fs, mc, flip_sin_to_cos=True, downscale_freq_shift=0.0)
+            f = timestep_embedding(fs, mc, flip_sin_to_cos=True, downscale_freq_shift=0.0).astype(x.dtype)
             f = nn.Dense(emb_dim, name="fps_embedding_2")(nn.silu(nn.Dense(emb_dim, name="fps_embedding_0")(f)))
             self._sow("fps_embedding", f)
             emb = emb + jnp.repeat(f, t, axis=0)
 
-        res = nn.remat(ResBlock) if cfg.remat else ResBlock
+        res = maybe_remat(ResBlock, cfg.remat, cfg.remat_policy)
         heads_of = lambda ch: (ch // cfg.num_head_channels, cfg.num_head_channels)  # noqa: E731
         h = x.reshape(b * t, *x.shape[2:])  # (B*T, h, w, C)
         h = nn.Conv(mc, (3, 3), padding=((1, 1), (1, 1)), name="input_blocks_0_0")(h)
         self._sow("input_blocks.0", h)
         if cfg.addition_attention:
-            h = TemporalTransformer(mc, 8, cfg.num_head_channels, name="init_attn_0")(h, b)
+            h = self._temporal(mc, 8, cfg.num_head_channels, name="init_attn_0")(h, b)
             self._sow("init_attn", h)
         hs, chans = [h], [mc]
         ch, ds, idx = mc, 1, 1
@@ -321,8 +324,14 @@ class UNetModel(nn.Module):
     def _attention(self, h, context, b, ch, heads, prefix, first=1):
         cfg = self.config
         n_heads, dim_head = heads
-        h = SpatialTransformer(ch, n_heads, dim_head, cfg.image_cross_attention,
-                               cfg.image_cross_attention_scale_learnable, name=f"{prefix}_{first}")(h, context)
+        spatial = maybe_remat(SpatialTransformer, cfg.remat, cfg.remat_policy)
+        h = spatial(ch, n_heads, dim_head, cfg.image_cross_attention,
+                    cfg.image_cross_attention_scale_learnable, name=f"{prefix}_{first}")(h, context)
         if cfg.temporal_attention:
-            h = TemporalTransformer(ch, n_heads, dim_head, name=f"{prefix}_{first + 1}")(h, b)
+            h = self._temporal(ch, n_heads, dim_head, name=f"{prefix}_{first + 1}")(h, b)
         return h
+
+    def _temporal(self, *args, **kwargs):
+        # the batch size ``b`` (argument 2, after self and x) shapes reshapes: static under remat
+        cls = maybe_remat(TemporalTransformer, self.config.remat, self.config.remat_policy, static_argnums=(2,))
+        return cls(*args, **kwargs)

@@ -27,6 +27,7 @@ from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
     LayerDefaults,
     Noisy,
+    remat_switches,
 )
 from anti_i2v_jax.backbones.opensora import rflow
 from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3, STDiT3Config
@@ -95,8 +96,13 @@ class OpenSoraBackbone(AdapterDefaults):
     reference_latents: np.ndarray | None = None
     min_input_side: int = 0
     layers: LayerDefaults = None  # type: ignore[assignment]
+    precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
 
     default_layers = staticmethod(default_layers)
+
+    @staticmethod
+    def with_remat(config: OpenSoraConfig, remat, policy) -> OpenSoraConfig:
+        return dataclasses.replace(config, stdit=dataclasses.replace(config.stdit, **remat_switches(remat, policy)))
 
     @functools.cached_property
     def attack_params(self) -> dict:
@@ -104,7 +110,7 @@ class OpenSoraBackbone(AdapterDefaults):
         vae = self.params["vae"]
         keep = {part: {k: v for k, v in vae[part].items() if k in ("encoder", "quant_conv")}
                 for part in ("spatial_vae", "temporal_vae")}
-        return {"vae": keep, "stdit": self.params["stdit"]}
+        return self.cast({"vae": keep, "stdit": self.params["stdit"]})
 
     @functools.cached_property
     def x_mask(self) -> np.ndarray:
@@ -122,9 +128,9 @@ class OpenSoraBackbone(AdapterDefaults):
         """{"image_latent": (1, h, w, 4), "video_latents": (F, h, w, 4)} and the requested VAE taps."""
         taps = tuple(t for t in vae_layers if t != "latent")
         vae = VideoAutoencoder(self.config.vae, taps=taps)
-        z, state = vae.apply({"params": params["vae"]}, self.preprocess(x)[None, None], key,
+        z, state = vae.apply({"params": self.cast(params["vae"])}, self.cast(self.preprocess(x)[None, None]), key,
                              method=vae.encode, mutable=["intermediates"])
-        z = z[0]  # (1, h, w, 4)
+        z = z[0].astype(jnp.float32)  # (1, h, w, 4)
         inter = state.get("intermediates", {})
         out = {}
         for name in taps:
@@ -161,11 +167,11 @@ class OpenSoraBackbone(AdapterDefaults):
         b = z.shape[0]
         model = STDiT3(cfg.stdit, taps=tuple(f"temporal.{i}" for i in taps))
         out, state = model.apply(
-            {"params": params["stdit"]}, z, t, y, y_mask, x_mask, jnp.full((b,), cfg.fps),
+            {"params": self.cast(params["stdit"])}, self.cast(z), t, self.cast(y), y_mask, x_mask, jnp.full((b,), cfg.fps),
             np.full((b,), cfg.height, np.float32), np.full((b,), cfg.width, np.float32), mutable=["intermediates"],
         )
         inter = state.get("intermediates", {})
-        return out[..., : cfg.stdit.in_channels], {i: inter[f"tap:temporal.{i}"][0] for i in taps}
+        return out[..., : cfg.stdit.in_channels].astype(jnp.float32), {i: inter[f"tap:temporal.{i}"][0] for i in taps}
 
     def generate(self, image, prompt, *, negative_prompt=None, num_inference_steps=30, guidance_scale=7.0, seed=0):
         """I2V with mask strategy "0" (frame 0 = the image latent) and CFG against the learned null caption."""

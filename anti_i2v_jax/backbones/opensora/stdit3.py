@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from anti_i2v_jax.configs import parse_config
+from anti_i2v_jax.nn.attention import attention
+from anti_i2v_jax.nn.remat import maybe_remat
 from anti_i2v_jax.nn.embeddings import apply_interleaved_rope, timestep_embedding
 
 
@@ -41,6 +43,7 @@ class STDiT3Config:
     # Execution switches (not upstream): scan the 28 (spatial, temporal) pairs; rematerialise each block.
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps (anti_i2v_jax.nn.remat)
 
     IGNORED = frozenset(
         {
@@ -133,8 +136,7 @@ class Attention(nn.Module):
         if self.rope:
             cos, sin = (jnp.asarray(t)[:, None, :] for t in rope_tables(cfg.head_dim, n))
             q, k = apply_interleaved_rope(q, cos, sin), apply_interleaved_rope(k, cos, sin)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q * cfg.head_dim**-0.5, k).astype(jnp.float32)
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+        out = attention(q, k, v, scale=cfg.head_dim**-0.5)
         return nn.Dense(c, name="proj")(out.reshape(b, n, c))
 
 
@@ -150,9 +152,7 @@ class CrossAttention(nn.Module):
         q = nn.Dense(c, name="q_linear")(x).reshape(b, n, cfg.num_heads, cfg.head_dim)
         kv = nn.Dense(2 * c, name="kv_linear")(y).reshape(b, y.shape[1], 2, cfg.num_heads, cfg.head_dim)
         k, v = kv[:, :, 0], kv[:, :, 1]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * cfg.head_dim**-0.5
-        scores = jnp.where(y_mask[:, None, None, :], scores, -jnp.inf)
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+        out = attention(q, k, v, scale=cfg.head_dim**-0.5, key_mask=y_mask)
         return nn.Dense(c, name="proj")(out.reshape(b, n, c))
 
 
@@ -202,10 +202,11 @@ class _Embedder(nn.Module):
     """``TimestepEmbedder`` / ``SizeEmbedder``: [cos | sin] of 256 frequencies, Linear-SiLU-Linear."""
 
     hidden: int
+    dtype: Any = jnp.float32  # the compute dtype: the float32 frequency table is cast to it
 
     @nn.compact
     def __call__(self, t):
-        f = timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0.0)
+        f = timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0.0).astype(self.dtype)
         return nn.Dense(self.hidden, name="mlp_2")(nn.silu(nn.Dense(self.hidden, name="mlp_0")(f)))
 
 
@@ -234,10 +235,10 @@ class STDiT3(nn.Module):
         # The pos-emb scale comes from the pixel size of the first sample, as upstream.
         scale = math.sqrt(float(height[0]) * float(width[0])) / cfg.input_sq_size
         pos = position_embedding_2d(c, h_, w_, scale, round(s**0.5))
-        tokens = (tokens.reshape(b, t_, s, c) + jnp.asarray(pos)).reshape(b, t_ * s, c)
+        tokens = (tokens.reshape(b, t_, s, c) + jnp.asarray(pos, tokens.dtype)).reshape(b, t_ * s, c)
 
-        t_emb_mod = _Embedder(c, name="t_embedder")
-        fps_emb = _Embedder(c, name="fps_embedder")(jnp.broadcast_to(jnp.asarray(fps, jnp.float32), (b,)))
+        t_emb_mod = _Embedder(c, dtype=x.dtype, name="t_embedder")
+        fps_emb = _Embedder(c, dtype=x.dtype, name="fps_embedder")(jnp.broadcast_to(jnp.asarray(fps, jnp.float32), (b,)))
         t_emb = t_emb_mod(jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (b,)))
         self._sow("t_embedder", t_emb)
         self._sow("fps_embedder", fps_emb)
@@ -259,7 +260,7 @@ class STDiT3(nn.Module):
 
         if cfg.scan_layers:
             # Parameters of the pairs stacked on a leading layer axis under blocks/pair/{spatial,temporal}.
-            body = nn.remat(_Pair, prevent_cse=False) if cfg.remat else _Pair
+            body = maybe_remat(_Pair, cfg.remat, cfg.remat_policy, prevent_cse=False)
             emit = any(t.startswith(("spatial.", "temporal.")) for t in self.taps)
             stack = nn.scan(
                 body, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -271,7 +272,7 @@ class STDiT3(nn.Module):
                     self._sow(f"spatial.{i}", ys[0][i])
                     self._sow(f"temporal.{i}", ys[1][i])
         else:
-            block = nn.remat(STDiT3Block) if cfg.remat else STDiT3Block
+            block = maybe_remat(STDiT3Block, cfg.remat, cfg.remat_policy)
             h = tokens
             for i in range(cfg.depth):
                 h = block(cfg, False, (t_, s), name=f"spatial_blocks_{i}")(h, y, y_mask, t_mlp, t0_mlp, x_mask)

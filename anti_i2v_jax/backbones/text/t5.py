@@ -19,6 +19,7 @@ import numpy as np
 
 from anti_i2v_jax.configs import parse_config
 from anti_i2v_jax.errors import UserError
+from anti_i2v_jax.nn.attention import attention
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,11 +109,9 @@ class SelfAttention(nn.Module):
             )
             bias = jnp.transpose(table(jnp.asarray(buckets)), (2, 0, 1))[None]  # (1, H, Lq, Lk)
         # (B, H, Lq, Lk); no 1/sqrt(d_kv) scaling in T5
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
-        if mask is not None:
-            scores = scores + jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, cfg.inner_dim)
+        if mask is not None:  # HF adds finfo.min on padded keys (all-padded rows then average every key)
+            bias = bias + jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        out = attention(q, k, v, scale=1.0, bias=bias).reshape(b, n, cfg.inner_dim)
         return nn.Dense(cfg.d_model, use_bias=False, name="o")(out), bias
 
 
