@@ -18,12 +18,12 @@ import numpy as np
 
 from anti_i2v_jax.backbones.cogvideox.config import TransformerConfig
 from anti_i2v_jax.nn.attention import attention
-from anti_i2v_jax.nn.remat import maybe_remat
 from anti_i2v_jax.nn.embeddings import (
     apply_interleaved_rope,
     sincos_1d,
     timestep_embedding,
 )
+from anti_i2v_jax.nn.remat import maybe_remat
 
 
 def _layer_norm(eps: float, name: str) -> nn.LayerNorm:

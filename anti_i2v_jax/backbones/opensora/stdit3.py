@@ -20,8 +20,8 @@ import numpy as np
 
 from anti_i2v_jax.configs import parse_config
 from anti_i2v_jax.nn.attention import attention
-from anti_i2v_jax.nn.remat import maybe_remat
 from anti_i2v_jax.nn.embeddings import apply_interleaved_rope, timestep_embedding
+from anti_i2v_jax.nn.remat import maybe_remat
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
