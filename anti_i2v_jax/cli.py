@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=10, help="steps per compiled chunk (progress granularity)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable saves")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_execution_options(p)
 
     g = sub.add_parser("generate", help="animate an image with a backbone (to check a protection)")
     g.add_argument("image", type=Path)
@@ -53,9 +54,26 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fps", type=int, default=8)
     g.add_argument("--out", type=Path, default=Path("generated"))
+    _add_execution_options(g)
 
     sub.add_parser("backbones", help="list the registered backbones")
     return parser
+
+
+def _add_execution_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32 (default, exact) or bf16: bfloat16 weights and matmuls with float32 norms, softmax "
+                        "statistics, losses and perturbation; halves memory, for real-size runs on a GPU")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each denoiser block in the backward pass instead of storing it "
+                        "(default: on for real-size backbones, off for the tiny ones)")
+
+
+def _load_backbone(args: argparse.Namespace):
+    from anti_i2v_jax.backbones import registry
+
+    backbone = registry.load(args.backbone, args.weights)
+    return backbone.configured(precision=args.precision, remat=args.remat)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,10 +111,9 @@ def _backbones() -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from anti_i2v_jax import io
-    from anti_i2v_jax.backbones import registry
 
     image = io.load_image(args.image)
-    backbone = registry.load(args.backbone, args.weights)
+    backbone = _load_backbone(args)
     if not hasattr(backbone, "generate"):
         raise UserError(f"backbone {args.backbone!r} cannot generate videos yet")
     frames = backbone.generate(
@@ -113,7 +130,6 @@ def _generate(args: argparse.Namespace) -> int:
 def _protect(args: argparse.Namespace) -> int:
     from anti_i2v_jax import io
     from anti_i2v_jax.attack import AttackConfig, Protector, check_image
-    from anti_i2v_jax.backbones import registry
 
     overrides = dict(
         eps=args.eps / 255.0,
@@ -143,7 +159,7 @@ def _protect(args: argparse.Namespace) -> int:
     images = [io.load_image(p, max_side=args.max_side) for p in args.inputs]  # fail before any compute
     target = io.load_image(args.target) if args.target else None
 
-    backbone = registry.load(args.backbone, args.weights)
+    backbone = _load_backbone(args)
     for path, im in zip(args.inputs, images):
         try:
             check_image(im, backbone)
@@ -186,6 +202,8 @@ def _write_outputs(args, config, backbone_name, src: Path, original, result, pro
         "output": str(image_path),
         "backbone": backbone_name,
         "weights": str(args.weights) if args.weights else None,
+        "precision": args.precision,
+        "remat": args.remat,
         "method": config.method,
         "prompt": config.prompt,
         "target": str(args.target) if args.target else f"procedural texture (seed {config.target_seed})",

@@ -26,6 +26,9 @@ class BackboneSpec:
     summary: str
     needs_weights: bool
     load: Callable[[Path | None], Backbone]
+    # The full-size adapter over ShapeDtypeStruct parameters (no weights, nothing allocated), with the
+    # execution switches a real run uses: for shape checks and memory estimates. None for tiny backbones.
+    abstract: Callable[[], Backbone] | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

@@ -42,6 +42,21 @@ def tiny_backbone(seed: int = 0) -> CogVideoXBackbone:
     return CogVideoXBackbone(name="cogvideox-tiny", config=config, params=init_params(config, seed), text_encoder=text)
 
 
+def real_size_execution(config: configs.CogVideoXConfig) -> configs.CogVideoXConfig:
+    """The execution switches of a real-size run: the 42 blocks scanned and rematerialised."""
+    import dataclasses
+
+    return dataclasses.replace(
+        config, transformer=dataclasses.replace(config.transformer, scan_layers=True, remat=True)
+    )
+
+
+def abstract_backbone(config: configs.CogVideoXConfig, name: str) -> CogVideoXBackbone:
+    """The adapter of ``config`` (with the real-size execution switches) over ShapeDtypeStruct parameters."""
+    config = real_size_execution(config)
+    return CogVideoXBackbone(name=name, config=config, params=abstract_params(config))
+
+
 def load_converted(path: str | Path, name: str | None = None, expect_variant: str | None = None) -> CogVideoXBackbone:
     """A backbone from a folder written by ``python -m weights_convert cogvideox``."""
     from anti_i2v_jax.backbones.base import restore_converted
@@ -64,8 +79,13 @@ def load_converted(path: str | Path, name: str | None = None, expect_variant: st
         text = t5_lib.converted_text_encoder(
             path, t5, params["text_encoder"], config.transformer.max_text_seq_length, with_mask=False
         )
+    # A real-size run scans and rematerialises the block stack: stack the (looped) converted blocks once.
+    from anti_i2v_jax.backbones.cogvideox.transformer import stack_blocks
+
+    params["transformer"] = stack_blocks(params["transformer"], config.transformer.num_layers)
     return CogVideoXBackbone(
-        name=name or variant, config=config, params={k: params[k] for k in ("vae", "transformer")}, text_encoder=text
+        name=name or variant, config=real_size_execution(config),
+        params={k: params[k] for k in ("vae", "transformer")}, text_encoder=text
     )
 
 
@@ -80,12 +100,14 @@ register(BackboneSpec(
     summary="THUDM/CogVideoX-5b-I2V (49 x 480 x 720)",
     needs_weights=True,
     load=lambda weights: load_converted(weights, "cogvideox-5b-i2v", "cogvideox-5b-i2v"),
+    abstract=lambda: abstract_backbone(configs.cogvideox_5b_i2v(), "cogvideox-5b-i2v"),
 ))
 register(BackboneSpec(
     name="cogvideox1.5-5b-i2v",
     summary="THUDM/CogVideoX1.5-5B-I2V (81 frames)",
     needs_weights=True,
     load=lambda weights: load_converted(weights, "cogvideox1.5-5b-i2v", "cogvideox1.5-5b-i2v"),
+    abstract=lambda: abstract_backbone(configs.cogvideox15_5b_i2v(), "cogvideox1.5-5b-i2v"),
 ))
 
 __all__ = ["CogVideoXBackbone", "abstract_params", "init_params", "load_converted", "tiny_backbone"]

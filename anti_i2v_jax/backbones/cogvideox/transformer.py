@@ -336,6 +336,15 @@ class _AdaLayerNorm(nn.Module):
         return _layer_norm(self.config.norm_eps, "norm")(x) * (1 + scale) + shift
 
 
+def stack_blocks(params: dict, num_layers: int) -> dict:
+    """Looped transformer parameters (``transformer_blocks_i``) -> the ``scan_layers`` layout (a leading
+    layer axis under ``transformer_blocks/block``); converted checkpoints are stored looped."""
+    params = dict(params)
+    blocks = [params.pop(f"transformer_blocks_{i}") for i in range(num_layers)]
+    params["transformer_blocks"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    return params
+
+
 def block_taps(state: dict, layers: Sequence[int]) -> tuple[dict[int, jax.Array], dict[int, jax.Array]]:
     """(video taps, text taps) by block index from the ``intermediates`` of an ``apply``."""
     inter = state.get("intermediates", {})

@@ -13,6 +13,7 @@ from anti_i2v_jax.backbones.dynamicrafter.backbone import (
 from anti_i2v_jax.backbones.dynamicrafter.config import (
     DynamiCrafterConfig,
     from_yaml,
+    released,
     tiny,
 )
 from anti_i2v_jax.backbones.registry import BackboneSpec, register
@@ -24,6 +25,19 @@ def tiny_backbone(seed: int = 0) -> DynamiCrafterBackbone:
     config = tiny()
     tok = ByteTokenizer(config.text.vocab_size, config.text_start_id, config.text_end_id, config.text.context_length)
     return DynamiCrafterBackbone(name="dynamicrafter-tiny", config=config, params=init_params(config, seed), tokenizer=tok)
+
+
+def real_size_execution(config: DynamiCrafterConfig) -> DynamiCrafterConfig:
+    """The execution switches of a real-size run: every ResBlock and transformer rematerialised."""
+    import dataclasses
+
+    return dataclasses.replace(config, unet=dataclasses.replace(config.unet, remat=True))
+
+
+def abstract_backbone(config: DynamiCrafterConfig, name: str) -> DynamiCrafterBackbone:
+    """The adapter of ``config`` (with the real-size execution switches) over ShapeDtypeStruct parameters."""
+    config = real_size_execution(config)
+    return DynamiCrafterBackbone(name=name, config=config, params=abstract_params(config))
 
 
 def load_converted(path: str | Path, name: str) -> DynamiCrafterBackbone:
@@ -46,7 +60,7 @@ def load_converted(path: str | Path, name: str) -> DynamiCrafterBackbone:
         from anti_i2v_jax.backbones.text.openclip_tokenizer import OpenCLIPTokenizer
 
         tokenizer = OpenCLIPTokenizer(path / "tokenizer", config.text.context_length)
-    return DynamiCrafterBackbone(name=name, config=config, params=params, tokenizer=tokenizer)
+    return DynamiCrafterBackbone(name=name, config=real_size_execution(config), params=params, tokenizer=tokenizer)
 
 
 register(BackboneSpec(
@@ -62,6 +76,7 @@ for _res, _summary in (("256", "Doubiiu/DynamiCrafter (256x256, eps)"), ("512", 
         summary=_summary,
         needs_weights=True,
         load=lambda weights, _n=f"dynamicrafter-{_res}": load_converted(weights, _n),
+        abstract=lambda _n=f"dynamicrafter-{_res}", _r=int(_res): abstract_backbone(released(_r), _n),
     ))
 
 __all__ = ["DynamiCrafterBackbone", "DynamiCrafterConfig", "abstract_params", "from_yaml", "init_params",

@@ -127,3 +127,40 @@ def tiny(**overrides: Any) -> DynamiCrafterConfig:
         text_end_id=999,
         **overrides,
     )
+
+
+def released(resolution: int) -> DynamiCrafterConfig:
+    """The released checkpoints' configs (``configs/inference_{256,512,1024}_v1.0.yaml``) without the
+    file: 256 (eps, frame stride 3, learnable image-attention scale), 512 and 1024 (v, zero-SNR, fps,
+    dynamic rescale). For shape checks and the memory report; converted weights carry their own yaml."""
+    if resolution not in (256, 512, 1024):
+        raise UserError(f"DynamiCrafter was released at 256, 512 and 1024, not {resolution}")
+    unet = dict(in_channels=8, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1], num_res_blocks=2,
+                channel_mult=[1, 2, 4, 4], dropout=0.1, num_head_channels=64, transformer_depth=1, context_dim=1024,
+                use_linear=True, use_checkpoint=True, temporal_conv=True, temporal_attention=True,
+                temporal_selfatt_only=True, use_relative_position=False, use_causal_attention=False,
+                temporal_length=16, addition_attention=True, image_cross_attention=True, fs_condition=True)
+    params = dict(linear_start=0.00085, linear_end=0.012, num_timesteps_cond=1, timesteps=1000,
+                  first_stage_key="video", cond_stage_key="caption", cond_stage_trainable=False,
+                  conditioning_key="hybrid", channels=4, scale_by_std=False, scale_factor=0.18215, use_ema=False,
+                  uncond_type="empty_seq")
+    if resolution == 256:
+        params.update(image_size=[32, 32])
+        unet.update(image_cross_attention_scale_learnable=True, default_fs=3)
+    else:
+        params.update(rescale_betas_zero_snr=True, parameterization="v", use_dynamic_rescale=True,
+                      fps_condition_type="fps", perframe_ae=True,
+                      image_size=[40, 64] if resolution == 512 else [72, 128],
+                      base_scale=0.7 if resolution == 512 else 0.3)
+        unet.update(default_fs=24 if resolution == 512 else 10)
+    params.update(
+        unet_config={"params": unet},
+        first_stage_config={"params": {"embed_dim": 4, "ddconfig": dict(
+            double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+            num_res_blocks=2, attn_resolutions=[], dropout=0.0)}},
+        cond_stage_config={"params": {"freeze": True, "layer": "penultimate"}},
+        img_cond_stage_config={"params": {"freeze": True}},
+        image_proj_stage_config={"params": dict(dim=1024, depth=4, dim_head=64, heads=12, num_queries=16,
+                                                embedding_dim=1280, output_dim=1024, ff_mult=4, video_length=16)},
+    )
+    return from_yaml({"model": {"params": params}}, f"DynamiCrafter {resolution} preset")

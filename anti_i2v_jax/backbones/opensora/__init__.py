@@ -40,6 +40,19 @@ def tiny_backbone(seed: int = 0) -> OpenSoraBackbone:
     return OpenSoraBackbone(name="opensora-tiny", config=config, params=init_params(config, seed), text_encoder=text)
 
 
+def real_size_execution(config: OpenSoraConfig) -> OpenSoraConfig:
+    """The execution switches of a real-size run: the 28 block pairs scanned and rematerialised."""
+    import dataclasses
+
+    return dataclasses.replace(config, stdit=dataclasses.replace(config.stdit, scan_layers=True, remat=True))
+
+
+def abstract_backbone(config: OpenSoraConfig, name: str) -> OpenSoraBackbone:
+    """The adapter of ``config`` (with the real-size execution switches) over ShapeDtypeStruct parameters."""
+    config = real_size_execution(config)
+    return OpenSoraBackbone(name=name, config=config, params=abstract_params(config))
+
+
 def load_converted(path: str | Path, name: str = "opensora-1.2") -> OpenSoraBackbone:
     """A backbone from a folder written by ``python -m weights_convert opensora`` (T5 needed for prompts)."""
     import dataclasses
@@ -75,7 +88,11 @@ def load_converted(path: str | Path, name: str = "opensora-1.2") -> OpenSoraBack
     if t5 is not None:
         text = t5_lib.converted_text_encoder(path, t5, params.pop("text_encoder"), config.stdit.model_max_length,
                                              with_mask=True)
-    return OpenSoraBackbone(name=name, config=config, params=params, text_encoder=text)
+    # A real-size run scans and rematerialises the block pairs: stack the (looped) converted pairs once.
+    from anti_i2v_jax.backbones.opensora.stdit3 import stack_pairs
+
+    params["stdit"] = stack_pairs(params["stdit"], config.stdit.depth)
+    return OpenSoraBackbone(name=name, config=real_size_execution(config), params=params, text_encoder=text)
 
 
 register(BackboneSpec(
@@ -89,6 +106,7 @@ register(BackboneSpec(
     summary="hpcai-tech/OpenSora-STDiT-v3 + OpenSora-VAE-v1.2 (51 frames at 480p by default)",
     needs_weights=True,
     load=lambda weights: load_converted(weights),
+    abstract=lambda: abstract_backbone(opensora_v1_2(), "opensora-1.2"),
 ))
 
 __all__ = ["OpenSoraBackbone", "OpenSoraConfig", "abstract_params", "init_params", "load_converted", "tiny_backbone"]
