@@ -73,6 +73,10 @@ def _load_backbone(args: argparse.Namespace):
     from anti_i2v_jax.backbones import registry
 
     backbone = registry.load(args.backbone, args.weights)
+    if args.precision == "fp32" and args.remat is None:  # the defaults: nothing to change
+        return backbone
+    if not hasattr(backbone, "configured"):
+        raise UserError(f"backbone {args.backbone!r} has no precision/remat settings; drop --precision and --remat")
     return backbone.configured(precision=args.precision, remat=args.remat)
 
 

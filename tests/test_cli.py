@@ -103,3 +103,24 @@ def test_unknown_backbone_and_missing_weights(tmp_path, image, capsys, double_re
 def test_backbones_lists_the_registry(capsys, double_registered):
     code, out, _ = _run(capsys, "backbones")
     assert code == 0 and "test-double" in out and "built in" in out
+
+
+def test_precision_and_remat_reach_a_real_backbone_and_the_report(tmp_path, image, capsys):
+    src = tmp_path / "face.png"
+    save_image(src, image)
+    code, _, err = _run(capsys, "protect", str(src), "--backbone", "cogvideox-tiny", "--out", str(tmp_path / "o"),
+                        "--precision", "bf16", "--remat", "--steps", "2", "--chunk-size", "1",
+                        "--checkpoint-every", "1", "--quiet")
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "face_report.json").read_text())
+    assert report["precision"] == "bf16" and report["remat"] is True
+    assert report["linf_levels"] > 0
+
+
+def test_precision_on_a_backbone_without_settings_is_one_clear_line(tmp_path, image, capsys, double_registered):
+    src = tmp_path / "face.png"
+    save_image(src, image)
+    code, _, err = _run(capsys, "protect", str(src), "--backbone", double_registered, "--out", str(tmp_path / "o"),
+                        "--precision", "bf16", *FAST)
+    assert code == 2 and err.count("\n") == 1 and "--precision" in err
+    assert not (tmp_path / "o" / "face_protected.png").exists()

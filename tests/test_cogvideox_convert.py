@@ -114,11 +114,16 @@ def test_unknown_config_keys_are_refused():
 @pytest.mark.parametrize("case", case_dirs("cogvideox") or [pytest.param(None, marks=pytest.mark.skip(reason="set ANTI_I2V_FIXTURES"))])
 def test_convert_then_load_round_trips(tmp_path, case, capsys):
     from anti_i2v_jax.backbones.cogvideox import load_converted
+    from anti_i2v_jax.backbones.cogvideox.transformer import stack_blocks
 
     assert convert_main.main(["cogvideox", "--src", str(case), "--dst", str(tmp_path / "out"), "--dtype", "float32"]) == 0
     assert "missing 0, unexpected 0; wrote" in capsys.readouterr().out
     backbone = load_converted(tmp_path / "out")
     _, _, direct, _ = conv.load_diffusers(case, with_text=False)
+    # loaded for a real-size run: the blocks stacked for the scanned, rematerialised stack
+    assert backbone.config.transformer.scan_layers and backbone.config.transformer.remat
+    direct["transformer"] = stack_blocks(direct["transformer"], backbone.config.transformer.num_layers)
+    assert jax.tree.structure(backbone.params) == jax.tree.structure(direct)
     for a, b in zip(jax.tree.leaves(backbone.params), jax.tree.leaves(direct)):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert backbone.name == "cogvideox-5b-i2v"

@@ -171,6 +171,7 @@ def test_convert_then_load_round_trips(tmp_path, capsys):
     from fixtures import case_dirs
 
     from anti_i2v_jax.backbones.opensora import load_converted
+    from anti_i2v_jax.backbones.opensora.stdit3 import stack_pairs
 
     cases = case_dirs("opensora")
     if not cases:
@@ -180,5 +181,9 @@ def test_convert_then_load_round_trips(tmp_path, capsys):
                               "--dst", str(tmp_path / "out"), "--dtype", "float32"]) == 0
     backbone = load_converted(tmp_path / "out")
     _, _, direct, _ = conv.load(case / "stdit3", case / "vae")
+    # loaded for a real-size run: the pairs stacked for the scanned, rematerialised stack
+    assert backbone.config.stdit.scan_layers and backbone.config.stdit.remat
+    direct["stdit"] = stack_pairs(direct["stdit"], backbone.config.stdit.depth)
+    assert jax.tree.structure(backbone.params) == jax.tree.structure(direct)
     for a, b in zip(jax.tree.leaves(backbone.params), jax.tree.leaves(direct)):
         np.testing.assert_array_equal(np.asarray(a), b)
