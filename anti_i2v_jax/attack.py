@@ -245,8 +245,11 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
             if "irc" in names:
                 terms["irc"] = losses.irc_loss(taps, layers.irc_early, layers.irc_deep)
             if "ira" in names:
+                # The target branch is a constant of the objective: stopping the gradient at its inputs (not
+                # only at its taps) keeps JAX from linearising a whole second denoiser pass and XLA from
+                # holding its activations for a backward pass that never uses them.
                 _, target_taps = backbone.denoise(
-                    params, noisy, anchor["target_cond"], text, taps=layers.ira
+                    params, jax.lax.stop_gradient(noisy), anchor["target_cond"], text, taps=layers.ira
                 )
                 terms["ira"] = losses.ira_loss(taps, jax.lax.stop_gradient(target_taps), layers.ira)
             if "sds" in names:

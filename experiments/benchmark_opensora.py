@@ -32,7 +32,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchmark_cogvideox import PeakRSS, measure_jitted, print_jax_only_table, release_freed_memory  # noqa: E402
+from benchmark_cogvideox import (  # noqa: E402
+    PeakRSS,
+    measure_jitted,
+    print_jax_only_table,
+    release_freed_memory,
+)
 
 SIZE, FRAMES, LATENT_FRAMES, TEXT_LEN, VALID = 64, 17, 5, 300, 20
 T = 700.0  # the fixed timestep (upstream units, 0..1000)
@@ -175,7 +180,11 @@ def worker_jax(folder: Path | None, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from anti_i2v_jax.backbones.opensora.backbone import OpenSoraBackbone, init_params, opensora_v1_2
+    from anti_i2v_jax.backbones.opensora.backbone import (
+        OpenSoraBackbone,
+        init_params,
+        opensora_v1_2,
+    )
     from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3Config
 
     if folder is None:  # JAX alone: seeded weights of the same shapes
