@@ -419,7 +419,8 @@ def test_unet_remat_equals_plain():
         def f(xx):
             return model.apply({"params": bb.params["unet"]}, xx, t, ctx, fs).sum()
 
-        return model.apply({"params": bb.params["unet"]}, x, t, ctx, fs), jax.grad(f)(x)
+        # jitted: op-by-op remat through the whole U-Net took over a minute
+        return jax.jit(lambda xx: model.apply({"params": bb.params["unet"]}, xx, t, ctx, fs))(x), jax.jit(jax.grad(f))(x)
 
     out, grad = run(UNetModel(cfg))
     out2, grad2 = run(UNetModel(dataclasses.replace(cfg, remat=True)))

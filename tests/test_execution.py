@@ -64,7 +64,10 @@ def test_blockwise_attention_equals_plain_through_the_backbone(tiny):
 def test_remat_changes_nothing(tiny):
     x = _image(1)
     v0, g0 = _values_and_jacobian(tiny.configured(remat=False), x)
-    for policy in ("nothing_saveable", "dots_with_no_batch_dims_saveable"):  # keep nothing / keep weight matmuls
+    # keep nothing / keep weight matmuls (the second policy on the two quick backbones only: the suite's time)
+    policies = ("nothing_saveable",) if tiny.name == "dynamicrafter-tiny" else (
+        "nothing_saveable", "dots_with_no_batch_dims_saveable")
+    for policy in policies:
         v1, g1 = _values_and_jacobian(tiny.configured(remat=True, remat_policy=policy), x)
         np.testing.assert_allclose(v1, v0, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6 * np.abs(g0).max())
