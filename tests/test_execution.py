@@ -42,47 +42,46 @@ def _objective(bb):
     return f
 
 
-def _values_and_jacobian(bb, x):
+def _values_and_gradient(bb, x):
     f = _objective(bb)
-    values, jacobian = jax.jit(lambda x: (f(x), jax.jacrev(f)(x)))(x)  # one compile
-    return np.asarray(values), np.asarray(jacobian)
+    # the gradient of one mix of both terms (one backward pass, one compile); the values of each term
+    values, grad = jax.jit(lambda x: (f(x), jax.grad(lambda y: jnp.dot(f(y), jnp.array([1.0, 0.5])))(x)))(x)
+    return np.asarray(values), np.asarray(grad)
 
 
 @pytest.mark.slow
 def test_blockwise_attention_equals_plain_through_the_backbone(tiny):
     x = _image()
     with attention_implementation("xla"):
-        v_plain, g_plain = _values_and_jacobian(tiny, x)
+        v_plain, g_plain = _values_and_gradient(tiny, x)
     with attention_implementation("blockwise", block_q=8, block_k=8):  # several blocks at tiny sizes
-        v_block, g_block = _values_and_jacobian(tiny, x)
+        v_block, g_block = _values_and_gradient(tiny, x)
     np.testing.assert_allclose(v_block, v_plain, rtol=1e-5, atol=1e-6)
     # float32 summation order differs between the kernels: 1e-5 of the gradient scale (single near-zero pixels)
     np.testing.assert_allclose(g_block, g_plain, rtol=1e-4, atol=1e-5 * np.abs(g_plain).max())
 
 
 @pytest.mark.slow
-def test_remat_changes_nothing(tiny):
+@pytest.mark.parametrize("name", ["cogvideox-tiny", "opensora-tiny"])  # DynamiCrafter: test_unet_remat_equals_plain
+def test_remat_changes_nothing(name):
+    tiny = load(name)
     x = _image(1)
-    v0, g0 = _values_and_jacobian(tiny.configured(remat=False), x)
-    # keep nothing / keep weight matmuls (the second policy on the two quick backbones only: the suite's time)
-    policies = ("nothing_saveable",) if tiny.name == "dynamicrafter-tiny" else (
-        "nothing_saveable", "dots_with_no_batch_dims_saveable")
-    for policy in policies:
-        v1, g1 = _values_and_jacobian(tiny.configured(remat=True, remat_policy=policy), x)
+    v0, g0 = _values_and_gradient(tiny.configured(remat=False), x)
+    for policy in ("nothing_saveable", "dots_with_no_batch_dims_saveable"):  # keep nothing / keep weight matmuls
+        v1, g1 = _values_and_gradient(tiny.configured(remat=True, remat_policy=policy), x)
         np.testing.assert_allclose(v1, v0, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6 * np.abs(g0).max())
 
 
 @pytest.mark.slow
 def test_bf16_agrees_with_fp32(tiny):
-    """Measured on the tiny backbones: losses within 1.2%, gradient signs agree on >= 98% of the image."""
+    """Bounds: each loss within 3% (the terms measured within 1.2%), gradient signs equal on > 95% of pixels."""
     x = _image(2)
-    v32, g32 = _values_and_jacobian(tiny.configured(precision="fp32"), x)
-    v16, g16 = _values_and_jacobian(tiny.configured(precision="bf16"), x)
+    v32, g32 = _values_and_gradient(tiny.configured(precision="fp32"), x)
+    v16, g16 = _values_and_gradient(tiny.configured(precision="bf16"), x)
     np.testing.assert_allclose(v16, v32, rtol=3e-2)
-    for term in range(len(v32)):
-        agree = np.mean(np.sign(g16[term]) == np.sign(g32[term]))
-        assert agree > 0.95, (term, agree)
+    agree = np.mean(np.sign(g16) == np.sign(g32))
+    assert agree > 0.95, agree
     assert not np.array_equal(v16, v32)  # bf16 really ran
 
 
