@@ -15,14 +15,8 @@ from anti_i2v_jax.backbones.cogvideox.backbone import init_params
 from anti_i2v_jax.backbones.cogvideox.transformer import (
     CogVideoXTransformer3DModel,
     block_taps,
+    stack_blocks,
 )
-
-
-def _stack_blocks(params, n):
-    """Looped block params -> the scanned layout (leading layer axis under transformer_blocks/block)."""
-    blocks = [params.pop(f"transformer_blocks_{i}") for i in range(n)]
-    params["transformer_blocks"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
-    return params
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ def test_scan_and_remat_equal_the_plain_stack(tiny, switch):
     other = CogVideoXTransformer3DModel(dataclasses.replace(config.transformer, **flags), taps=layers)
     p = dict(params["transformer"])
     if flags["scan_layers"]:
-        p = _stack_blocks(p, config.transformer.num_layers)
+        p = stack_blocks(p, config.transformer.num_layers)
     out2, st2 = other.apply({"params": p}, x, text, t, mutable=["intermediates"])
     np.testing.assert_allclose(out2, out, atol=1e-5, rtol=1e-5)
     for a, b in zip(block_taps(st2, layers), block_taps(st, layers)):

@@ -115,6 +115,21 @@ class AdapterDefaults:
 
         return cast_floating(tree, self.compute_dtype)
 
+    # The field of the adapter's config that holds the denoiser's execution switches (scan_layers, remat,
+    # remat_policy); set by each adapter.
+    denoiser_config: str
+
+    @classmethod
+    def with_execution(cls, config, **switches):
+        """``config`` with the denoiser's execution switches replaced (a switch given as None is kept)."""
+        import dataclasses
+
+        changes = {k: v for k, v in switches.items() if v is not None}
+        if not changes:
+            return config
+        denoiser = getattr(config, cls.denoiser_config)
+        return dataclasses.replace(config, **{cls.denoiser_config: dataclasses.replace(denoiser, **changes)})
+
     def configured(self, *, precision: str | None = None, remat: bool | None = None,
                    remat_policy: str | None = None):
         """A copy with another precision (``fp32``/``bf16``) and/or rematerialisation of the denoiser's
@@ -128,10 +143,11 @@ class AdapterDefaults:
         if precision is not None:
             compute_dtype(precision)
             changes["precision"] = precision
-        if remat is not None or remat_policy is not None:
-            if remat_policy is not None:
-                check_policy(remat_policy)
-            changes["config"] = self.with_remat(self.config, remat, remat_policy)
+        if remat_policy is not None:
+            check_policy(remat_policy)
+        config = self.with_execution(self.config, remat=remat, remat_policy=remat_policy)
+        if config is not self.config:
+            changes["config"] = config
         return dataclasses.replace(self, **changes) if changes else self
 
     def preprocess(self, x: jax.Array) -> jax.Array:
@@ -143,11 +159,6 @@ class AdapterDefaults:
             object.__setattr__(self, "layers", self.default_layers(self.config))
         if not self.min_input_side:
             object.__setattr__(self, "min_input_side", default_min_input_side(self.model_size))
-
-
-def remat_switches(remat: bool | None, policy: str | None) -> dict:
-    """The denoiser-config fields to replace for :meth:`AdapterDefaults.configured` (None: keep)."""
-    return {k: v for k, v in (("remat", remat), ("remat_policy", policy)) if v is not None}
 
 
 def default_min_input_side(model_size: tuple[int, int]) -> int:

@@ -44,11 +44,7 @@ def tiny_backbone(seed: int = 0) -> CogVideoXBackbone:
 
 def real_size_execution(config: configs.CogVideoXConfig) -> configs.CogVideoXConfig:
     """The execution switches of a real-size run: the 42 blocks scanned and rematerialised."""
-    import dataclasses
-
-    return dataclasses.replace(
-        config, transformer=dataclasses.replace(config.transformer, scan_layers=True, remat=True)
-    )
+    return CogVideoXBackbone.with_execution(config, scan_layers=True, remat=True)
 
 
 def abstract_backbone(config: configs.CogVideoXConfig, name: str) -> CogVideoXBackbone:

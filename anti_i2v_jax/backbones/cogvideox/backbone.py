@@ -29,7 +29,6 @@ from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
     LayerDefaults,
     Noisy,
-    remat_switches,
 )
 from anti_i2v_jax.backbones.cogvideox import scheduler
 from anti_i2v_jax.backbones.cogvideox.config import CogVideoXConfig
@@ -72,10 +71,7 @@ class CogVideoXBackbone(AdapterDefaults):
     precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
 
     default_layers = staticmethod(default_layers)
-
-    @staticmethod
-    def with_remat(config: CogVideoXConfig, remat, policy) -> CogVideoXConfig:
-        return dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, **remat_switches(remat, policy)))
+    denoiser_config = "transformer"
 
     # ------------------------------------------------------------------------------ geometry
 

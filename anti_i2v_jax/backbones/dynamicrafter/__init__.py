@@ -29,9 +29,7 @@ def tiny_backbone(seed: int = 0) -> DynamiCrafterBackbone:
 
 def real_size_execution(config: DynamiCrafterConfig) -> DynamiCrafterConfig:
     """The execution switches of a real-size run: every ResBlock and transformer rematerialised."""
-    import dataclasses
-
-    return dataclasses.replace(config, unet=dataclasses.replace(config.unet, remat=True))
+    return DynamiCrafterBackbone.with_execution(config, remat=True)
 
 
 def abstract_backbone(config: DynamiCrafterConfig, name: str) -> DynamiCrafterBackbone:

@@ -31,7 +31,6 @@ from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
     LayerDefaults,
     Noisy,
-    remat_switches,
 )
 from anti_i2v_jax.backbones.dynamicrafter import diffusion as dm
 from anti_i2v_jax.backbones.dynamicrafter.config import DynamiCrafterConfig
@@ -97,10 +96,7 @@ class DynamiCrafterBackbone(AdapterDefaults):
     precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
 
     default_layers = staticmethod(default_layers)
-
-    @staticmethod
-    def with_remat(config: DynamiCrafterConfig, remat, policy) -> DynamiCrafterConfig:
-        return dataclasses.replace(config, unet=dataclasses.replace(config.unet, **remat_switches(remat, policy)))
+    denoiser_config = "unet"
 
     @functools.cached_property
     def tables(self) -> dict[str, np.ndarray]:

@@ -42,9 +42,7 @@ def tiny_backbone(seed: int = 0) -> OpenSoraBackbone:
 
 def real_size_execution(config: OpenSoraConfig) -> OpenSoraConfig:
     """The execution switches of a real-size run: the 28 block pairs scanned and rematerialised."""
-    import dataclasses
-
-    return dataclasses.replace(config, stdit=dataclasses.replace(config.stdit, scan_layers=True, remat=True))
+    return OpenSoraBackbone.with_execution(config, scan_layers=True, remat=True)
 
 
 def abstract_backbone(config: OpenSoraConfig, name: str) -> OpenSoraBackbone:

@@ -27,7 +27,6 @@ from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
     LayerDefaults,
     Noisy,
-    remat_switches,
 )
 from anti_i2v_jax.backbones.opensora import rflow
 from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3, STDiT3Config
@@ -99,10 +98,7 @@ class OpenSoraBackbone(AdapterDefaults):
     precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
 
     default_layers = staticmethod(default_layers)
-
-    @staticmethod
-    def with_remat(config: OpenSoraConfig, remat, policy) -> OpenSoraConfig:
-        return dataclasses.replace(config, stdit=dataclasses.replace(config.stdit, **remat_switches(remat, policy)))
+    denoiser_config = "stdit"
 
     @functools.cached_property
     def attack_params(self) -> dict:
