@@ -78,6 +78,18 @@ def release_freed_memory() -> None:
         pass
 
 
+def time_repeats(run, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak RSS MB) of ``repeats`` calls of ``run()``, after returning freed memory to the OS."""
+    times = []
+    release_freed_memory()
+    with PeakRSS() as mem:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), mem.peak
+
+
 def measure_jitted(fn, args, repeats: int) -> dict:
     """Compile ``jax.jit(fn)`` for ``args``, run it once, then time ``repeats`` runs with the peak RSS."""
     import jax
@@ -86,14 +98,8 @@ def measure_jitted(fn, args, repeats: int) -> dict:
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     first = jax.block_until_ready(compiled(*args))
-    times = []
-    release_freed_memory()
-    with PeakRSS() as mem:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - t0)
-    return dict(median_s=statistics.median(times), compile_s=compile_s, first=first, peak_rss_mb=mem.peak)
+    median_s, peak = time_repeats(lambda: jax.block_until_ready(compiled(*args)), repeats)
+    return dict(median_s=median_s, compile_s=compile_s, first=first, peak_rss_mb=peak)
 
 
 def print_jax_only_table(title: str, result: dict) -> None:
@@ -167,15 +173,8 @@ def worker_torch(folder: Path, repeats: int) -> dict:
     t0 = time.perf_counter()
     loss, grad = step(image)
     first = time.perf_counter() - t0
-    times = []
-    release_freed_memory()
-    with PeakRSS() as mem:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step(image)
-            times.append(time.perf_counter() - t0)
-    return dict(median_s=statistics.median(times), first_s=first, loss=loss, grad_norm=float(grad.norm()),
-                peak_rss_mb=mem.peak)
+    median_s, peak = time_repeats(lambda: step(image), repeats)
+    return dict(median_s=median_s, first_s=first, loss=loss, grad_norm=float(grad.norm()), peak_rss_mb=peak)
 
 
 def worker_jax(folder: Path, repeats: int) -> dict:
@@ -227,15 +226,9 @@ def worker_jax(folder: Path, repeats: int) -> dict:
     compiled = step.lower(image, params).compile()
     compile_s = time.perf_counter() - t0
     loss, grad = jax.block_until_ready(compiled(image, params))
-    times = []
-    release_freed_memory()
-    with PeakRSS() as mem:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(image, params))
-            times.append(time.perf_counter() - t0)
-    return dict(median_s=statistics.median(times), compile_s=compile_s, loss=float(loss),
-                grad_norm=float(jnp.linalg.norm(grad)), peak_rss_mb=mem.peak, device=jax.devices()[0].device_kind)
+    median_s, peak = time_repeats(lambda: jax.block_until_ready(compiled(image, params)), repeats)
+    return dict(median_s=median_s, compile_s=compile_s, loss=float(loss),
+                grad_norm=float(jnp.linalg.norm(grad)), peak_rss_mb=peak, device=jax.devices()[0].device_kind)
 
 
 def main() -> None:

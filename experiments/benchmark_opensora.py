@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,12 +31,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchmark_cogvideox import (  # noqa: E402
-    PeakRSS,
-    measure_jitted,
-    print_jax_only_table,
-    release_freed_memory,
-)
+from benchmark_cogvideox import measure_jitted, print_jax_only_table, time_repeats  # noqa: E402
 
 SIZE, FRAMES, LATENT_FRAMES, TEXT_LEN, VALID = 64, 17, 5, 300, 20
 T = 700.0  # the fixed timestep (upstream units, 0..1000)
@@ -138,18 +132,12 @@ def worker_torch(folder: Path, repeats: int, upstream: Path) -> dict:
     t0 = time.perf_counter()
     loss, grad = step(image)
     first = time.perf_counter() - t0
-    times = []
-    release_freed_memory()
-    with PeakRSS() as mem:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step(image)
-            times.append(time.perf_counter() - t0)
+    median_s, peak = time_repeats(lambda: step(image), repeats)
     # d/d(image in [0, 1]) = 2 d/d(x in [-1, 1]); (1, 3, 1, H, W) -> (H, W, 3)
     grad01 = (2 * grad[0, :, 0]).permute(1, 2, 0).numpy()
     np.save(folder / "grad_torch.npy", grad01)
-    return dict(median_s=statistics.median(times), first_s=first, loss=loss, grad_norm=float(np.linalg.norm(grad01)),
-                peak_rss_mb=mem.peak)
+    return dict(median_s=median_s, first_s=first, loss=loss, grad_norm=float(np.linalg.norm(grad01)),
+                peak_rss_mb=peak)
 
 
 # ------------------------------------------------------------------------------------------ JAX side

@@ -16,10 +16,13 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # memory_report.step_function
 
 # Dense peak TFLOP/s by device kind substring (bf16; fp32 runs as TF32 at half of it).
 PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -42,7 +45,6 @@ def random_params(abstract, seed: int = 0):
 
 
 def run(name: str, precision: str, steps: int) -> dict:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from memory_report import step_function
 
     from anti_i2v_jax.backbones import registry
