@@ -64,6 +64,8 @@ def run(name: str, precision: str, steps: int) -> dict:
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(params, image, target, text, state).compile()
     compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    xla_gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30 if mem is not None else float("nan")
     times = []
     for _ in range(steps):
         state["step"] = jnp.zeros((), jnp.int32)  # keep the step active (the run is 1 step long)
@@ -80,7 +82,7 @@ def run(name: str, precision: str, steps: int) -> dict:
         peak_tflops /= 2
     step_s = statistics.median(times)
     return dict(name=name, device=device.device_kind, precision=precision, compile_s=compile_s, step_s=step_s,
-                peak_gib=peak / 2**30, utilisation=(flops / step_s / 1e12 / peak_tflops) if peak_tflops else None,
+                peak_gib=peak / 2**30, xla_gib=xla_gib, utilisation=(flops / step_s / 1e12 / peak_tflops) if peak_tflops else None,
                 finite=finite)
 
 
@@ -101,13 +103,13 @@ def main(argv=None) -> int:
     if [n for n in names if n not in real]:
         print(f"gpu_smoke: unknown backbones; real ones: {real}", file=sys.stderr)
         return 2
-    print("| backbone | device | precision | compile s | step s | peak GiB | of peak FLOP/s | finite |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backbone | device | precision | compile s | step s | peak GiB | XLA estimate GiB | of peak FLOP/s | finite |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         r = run(name, args.precision, args.steps)
         util = f"{100 * r['utilisation']:.0f}%" if r["utilisation"] is not None else "?"
         print(f"| {r['name']} | {r['device']} | {r['precision']} | {r['compile_s']:.0f} | {r['step_s']:.2f} | "
-              f"{r['peak_gib']:.1f} | {util} | {r['finite']} |", flush=True)
+              f"{r['peak_gib']:.1f} | {r['xla_gib']:.1f} | {util} | {r['finite']} |", flush=True)
         jax.clear_caches()
     return 0
 
