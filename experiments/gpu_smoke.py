@@ -56,11 +56,14 @@ def run(name: str, precision: str, steps: int) -> dict:
     rng = np.random.default_rng(0)
     image = jnp.asarray(rng.uniform(size=image_spec.shape), jnp.float32)
     target = jnp.asarray(rng.uniform(size=image_spec.shape), jnp.float32)
-    text = jnp.asarray(0.1 * rng.standard_normal(text_spec.shape), jnp.float32)
+    text = jax.tree.map(  # (embeddings, mask) for Open-Sora; the mask keeps every token
+        lambda s: jnp.ones(s.shape, s.dtype) if s.dtype == jnp.bool_ else
+        jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), text_spec)
     state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_spec)
     state["key"] = jax.random.PRNGKey(0)
     state["scale"] = jnp.ones(state_spec["scale"].shape, jnp.float32)
 
+    print(f"{name}: compiling one step", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(params, image, target, text, state).compile()
     compile_s = time.perf_counter() - t0
@@ -73,6 +76,7 @@ def run(name: str, precision: str, steps: int) -> dict:
         new_state, record = compiled(params, image, target, text, state)
         jax.block_until_ready(new_state)
         times.append(time.perf_counter() - t0)
+        print(f"{name}: step {len(times)} took {times[-1]:.2f} s", file=sys.stderr, flush=True)
     finite = bool(np.all(np.isfinite(np.asarray(record["values"]))))
     device = jax.devices()[0]
     peak = (device.memory_stats() or {}).get("peak_bytes_in_use", 0)

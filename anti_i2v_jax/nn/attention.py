@@ -9,8 +9,11 @@ Layout ``(B, L, H, D)`` ("BTNH", as ``jax.nn.dot_product_attention``). The kerne
   softmax runs over key blocks (``lax.scan``). A ``jax.custom_vjp`` keeps only ``(q, k, v, out, logsumexp)``
   and recomputes each block's scores in the backward pass, so memory is O((Lq + Lk) * D) per head, never
   O(Lq * Lk). Works on every backend and in every dtype.
-* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (cuDNN flash attention), chosen
-  automatically on a GPU for bf16/fp16 inputs without a key mask.
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (cuDNN flash attention) for
+  bf16/fp16 inputs without a key mask (masked calls fall back to blockwise). Opt-in only: set
+  ``GPU_AUTO_CUDNN = True`` or use :func:`attention_implementation`. On the one H200 this was tried on
+  (JAX 0.11.2), ``tests/test_attention.py::test_cudnn_equals_formula_on_gpu`` failed, so "auto" does not
+  pick it until that test passes on the GPU in question.
 
 Softmax statistics (max, sum, logsumexp) and the accumulators are float32 whatever the input dtype;
 the output has the dtype of ``q``. A query row whose keys are all masked returns zeros (never NaN).
@@ -31,6 +34,9 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+
+# Whether "auto" picks cuDNN on a GPU for bf16/fp16 (see the module docstring: unverified, so off).
+GPU_AUTO_CUDNN = False
 
 Implementation = Literal["xla", "blockwise", "cudnn"]
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "blockwise", "cudnn")
@@ -110,7 +116,7 @@ def _auto(q, key_mask, bias, lk) -> str:
     if bias is not None or b * h * lq * lk <= PLAIN_MAX_SCORES:
         return "xla"
     on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and key_mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128:
+    if GPU_AUTO_CUDNN and on_gpu and key_mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128:
         return "cudnn"
     return "blockwise"
 
