@@ -1,6 +1,7 @@
 """anti_i2v_jax: protect photos against malicious image-to-video generation (Anti-I2V, CVPR 2026) in JAX."""
 
 from anti_i2v_jax.attack import (
+    METHOD_NOTES,
     METHODS,
     TERMS,
     AttackConfig,
@@ -8,6 +9,7 @@ from anti_i2v_jax.attack import (
     ProtectResult,
     protect,
     protect_batch,
+    resolve_terms,
 )
 from anti_i2v_jax.backbones import load as load_backbone
 from anti_i2v_jax.errors import AttackError, ImageError, NonFiniteError, UserError
@@ -16,6 +18,7 @@ from anti_i2v_jax.io import load_image, save_image
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHOD_NOTES",
     "METHODS",
     "TERMS",
     "AttackConfig",
@@ -29,5 +32,6 @@ __all__ = [
     "load_image",
     "protect",
     "protect_batch",
+    "resolve_terms",
     "save_image",
 ]

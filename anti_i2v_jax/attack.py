@@ -37,44 +37,80 @@ from anti_i2v_jax.backbones.base import Backbone
 from anti_i2v_jax.errors import AttackError, NonFiniteError, UserError
 from anti_i2v_jax.target import procedural_texture
 
-# Every loss term the engine knows, and what it measures. A term is computed only when weighted.
+# Every loss term the engine knows, and what it measures. A term is computed only when weighted; a negative
+# weight maximises it. Sums are rescaled to Stable Diffusion's 64x64x4 latent (losses.SD_LATENT_ELEMENTS).
 TERMS: dict[str, str] = {
     "dm": "the backbone's diffusion loss at a sampled timestep (negative weight: maximised, as AdvDM)",
     "irc": "IRC: deep denoiser layers pulled onto the early layer",
     "ira": "IRA, denoiser: protected-branch taps vs target-image-branch taps (same z_t, t, text)",
     "ira_vae": "IRA, VAE encoder: taps of the protected image vs taps of the target image",
-    "texture": "MIST texture loss: image latent vs the target image's latent",
-    "clean_vae": "VGMShield (undirected): VAE-encoder taps vs those of the clean input (maximise)",
-    "sds": "SDS surrogate: denoiser residual pushed through the video latents only",
+    "aux": "Anti-I2V auxiliary: 1 - cos of the CLIP image embeddings of the protected and the clean image "
+    "(where the backbone has a CLIP image encoder)",
+    "texture": "MIST texture loss: summed squared distance of the image latent to the target image's latent",
+    "texture_mean": "the texture distance mean-reduced, as the authors' mist.py variant has it",
+    "vgm_vae": "VGMShield: 1 - cos of the VAE latents of the protected and the reference image, each with fresh "
+    "Gaussian noise (vgm_noise)",
+    "vgm_clip": "VGMShield: 1 - cos of the CLIP image embeddings of the protected and the reference image",
+    "sds": "SDS surrogate: the denoiser's eps-space residual pushed through the encoder only",
 }
 
-# Objective presets. Anti-I2V: L_IRC + L_IRA - L_DM with unit weights (method.md 1.5), each term
-# normalised by its step-0 value (method.md 4). Baselines follow the authors' loops in vaijsc/anti-i2v
-# and the reference code named in method.md section 3, on this engine.
+# Terms that need an optional part of the backbone, by the adapter attribute that provides it.
+TERM_NEEDS: dict[str, str] = {"aux": "image_embedding", "vgm_clip": "image_embedding"}
+
+# Objective presets. Anti-I2V: L_IRC + L_IRA + L_aux - L_DM with unit weights, each term normalised by its
+# mean magnitude at the start. Every baseline keeps the paper's shared budget (16/255) and step count (200)
+# and follows its original objective; METHOD_NOTES says what the original is and where this differs.
 METHODS: dict[str, dict[str, Any]] = {
     "anti-i2v": dict(
-        weights=(("irc", 1.0), ("ira", 1.0), ("ira_vae", 1.0), ("dm", -1.0)),
-        schedule="alternate",
-        normalize_terms=True,
-        random_start=False,
+        weights=(("irc", 1.0), ("ira", 1.0), ("ira_vae", 1.0), ("aux", -1.0), ("dm", -1.0)),
+        schedule="alternate", normalize_terms=True, random_start=False,
     ),
-    "advdm": dict(weights=(("dm", -1.0),), schedule="rgb", normalize_terms=False, random_start=True),
+    "advdm": dict(weights=(("dm", -1.0),), schedule="rgb", normalize_terms=False, random_start=True, vae_sample=True),
     "mist": dict(
         weights=(("texture", 1.0), ("dm", -1.0e4)),
-        schedule="rgb",
-        normalize_terms=False,
-        random_start=True,
+        schedule="rgb", normalize_terms=False, random_start=True, vae_sample=True,
+    ),
+    "mist-vaijsc": dict(
+        weights=(("texture_mean", 1.0), ("dm", -1.0e4)),
+        schedule="rgb", normalize_terms=False, random_start=False, vae_sample=True,
     ),
     "vgmshield": dict(
-        weights=(("clean_vae", -1.0),), schedule="rgb", normalize_terms=False, random_start=False
+        weights=(("vgm_vae", -1.0), ("vgm_clip", -1.0)),
+        schedule="rgb", normalize_terms=False, random_start=False, vgm_directed=False,
     ),
-    "sds": dict(weights=(("sds", 1.0),), schedule="rgb", normalize_terms=False, random_start=False),
+    "vgmshield-directed": dict(
+        weights=(("vgm_vae", 1.0), ("vgm_clip", 1.0)),
+        schedule="rgb", normalize_terms=False, random_start=False, vgm_directed=True,
+    ),
+    "sds": dict(weights=(("sds", 1.0),), schedule="rgb", normalize_terms=False, random_start=False, vae_sample=True),
+    "sds+": dict(weights=(("sds", -1.0),), schedule="rgb", normalize_terms=False, random_start=False, vae_sample=True),
+    "sdst": dict(
+        weights=(("sds", 5.0), ("texture", 1.0)),
+        schedule="rgb", normalize_terms=False, random_start=False, vae_sample=True,
+    ),
+    "photoguard": dict(weights=(("texture", 1.0),), schedule="rgb", normalize_terms=False, random_start=True),
+}
+
+# One line per preset for --help and reports: the original and each deliberate deviation (README: "Methods").
+METHOD_NOTES: dict[str, str] = {
+    "anti-i2v": "IRC + IRA (denoiser and VAE) + auxiliary CLIP distance - diffusion loss, dual-space steps",
+    "advdm": "AdvDM (Liang et al. 2023): sign ascent on the diffusion loss, random start, sampled VAE posterior",
+    "mist": "MIST (psyker-team/mist): summed texture loss to the target minus 1e4 x the diffusion loss",
+    "mist-vaijsc": "the Anti-I2V authors' MIST variant: mean texture loss, so it behaves like AdvDM",
+    "vgmshield": "VGMShield undirected (MMVGM): ascend 1 - cos to the clean image's noisy VAE latent and CLIP "
+    "embedding",
+    "vgmshield-directed": "VGMShield directed (MMVGM): descend 1 - cos to the target image's VAE latent and CLIP "
+    "embedding",
+    "sds": "SDS(-) (Xue et al. 2024): descend along the encoder Jacobian of eps_hat - eps (the recommended variant)",
+    "sds+": "SDS(+): ascend along the encoder Jacobian of eps_hat - eps",
+    "sdst": "SDS(-) with a texture target (Diff-Protect using_target, rate 5)",
+    "photoguard": "PhotoGuard encoder attack (Salman et al. 2023): pull the image latent onto the target's",
 }
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttackConfig:
-    """Every setting of a protection run; the paper's unknowns are documented defaults (method.md section 4).
+    """Every setting of a protection run; the paper's unknowns are documented defaults (docs/method.md, section 3).
 
     Budgets and steps are on the [0, 1] image scale. Layer choices of ``None`` take the backbone's defaults.
     """
@@ -89,13 +125,16 @@ class AttackConfig:
     dct_fraction: float = 0.25  # low band: u < H/4 and v < W/4
     dct_block: int | None = None  # None: one global DCT; e.g. 8 for JPEG-style tiles
     weights: tuple[tuple[str, float], ...] = METHODS["anti-i2v"]["weights"]
-    normalize_terms: bool = True  # divide each term by its |value| at step 0
+    normalize_terms: bool = True  # divide each term by its mean |value| over normalize_draws draws at the start
+    normalize_draws: int = 4  # (t, eps, posterior) draws that set the normalisation; seeded by `seed`
     random_start: bool = False
     irc_early: int | None = None
     irc_deep: tuple[int, ...] | None = None
     ira_layers: tuple[int, ...] | None = None
     vae_layers: tuple[str, ...] | None = None
     vae_sample: bool = False  # sample the VAE posterior each step instead of using its mean (where the backbone supports it)
+    vgm_noise: float = 0.02  # VGMShield's Gaussian noise std on both VAE branches, on the [-1, 1] scale (MMVGM)
+    vgm_directed: bool = False  # VGMShield terms measured against the target image (directed) or the clean one
     target_seed: int = 0  # seed of the procedural IRA/MIST target texture (when no target image is given)
     prompt: str = "a video"  # used when no per-image prompt is given; a caption of the image is better
     seed: int = 0
@@ -120,6 +159,10 @@ class AttackConfig:
             problems.append(f"unknown loss terms {unknown}; known: {sorted(TERMS)}")
         if not self.weights or all(w == 0 for _, w in self.weights):
             problems.append("weights: at least one loss term needs a non-zero weight")
+        if self.normalize_draws < 1:
+            problems.append(f"normalize_draws must be >= 1, got {self.normalize_draws}")
+        if self.vgm_noise < 0:
+            problems.append(f"vgm_noise must be >= 0, got {self.vgm_noise}")
         if self.dct_block is not None and self.dct_block < 1:
             problems.append(f"dct_block must be >= 1 or None, got {self.dct_block}")
         if not 0.0 < self.dct_fraction <= 1.0:
@@ -133,7 +176,7 @@ class AttackConfig:
 
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> AttackConfig:
-        """The preset of ``method`` (``anti-i2v``, ``advdm``, ``mist``, ``vgmshield``, ``sds``) with overrides."""
+        """The preset of ``method`` (one of :data:`METHODS`) with overrides."""
         if method not in METHODS:
             raise UserError(f"unknown method {method!r}; known: {sorted(METHODS)}")
         return cls(**{"method": method, **METHODS[method], **overrides})
@@ -186,6 +229,30 @@ class _Layers:
         return layers
 
 
+def resolve_terms(backbone: Backbone, config: AttackConfig) -> tuple[AttackConfig, dict[str, str]]:
+    """``config`` with the terms ``backbone`` cannot compute removed, and a note for each term left out or cut.
+
+    A term needing an optional part of the backbone (``TERM_NEEDS``: a CLIP image encoder) is off when the
+    adapter lacks it; the note says so, and reports record it. LPIPS-VGG is not available in this version, so
+    ``aux`` is its CLIP half only.
+    """
+    keep, notes = [], {}
+    for name, w in config.weights:
+        need = TERM_NEEDS.get(name)
+        if w != 0 and need is not None and not hasattr(backbone, need):
+            notes[name] = f"off: {backbone.name} has no CLIP image encoder"
+            continue
+        keep.append((name, w))
+    if "aux" in dict(keep):
+        notes["aux"] = "CLIP image distance only (LPIPS-VGG is not available in this version)"
+    if not any(w != 0 for _, w in keep):
+        raise UserError(
+            f"method {config.method!r} has no term {backbone.name} can compute ({'; '.join(notes.values())}); "
+            f"choose another method or backbone"
+        )
+    return dataclasses.replace(config, weights=tuple(keep)), notes
+
+
 # ------------------------------------------------------------------------------------ the step
 
 
@@ -205,6 +272,9 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
     # The optax transformation of each space: the sign of the gradient, scaled; descent on the objective.
     optimizers = {s: optax.chain(optax.scale_by_sign(), optax.scale(-step_size[s])) for s in space_list}
 
+    missing = [f"{k} (needs {TERM_NEEDS[k]})" for k in names if k in TERM_NEEDS and not hasattr(backbone, TERM_NEEDS[k])]
+    if missing:
+        raise UserError(f"{backbone.name} cannot compute the terms {missing}; see resolve_terms")
     need_denoiser = bool({"dm", "irc", "ira", "sds"} & set(names))
     denoiser_taps = tuple(
         sorted(
@@ -212,13 +282,14 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
             | (set(layers.ira) if "ira" in names else set())
         )
     )
+    latent_terms = {"texture", "texture_mean"}
     vae_taps = tuple(
-        dict.fromkeys(
-            (layers.vae if {"ira_vae", "clean_vae"} & set(names) else ())
-            + (("latent",) if "texture" in names else ())
-        )
+        dict.fromkeys((layers.vae if "ira_vae" in names else ()) + (("latent",) if latent_terms & set(names) else ()))
     )
-    need_target = bool({"ira", "ira_vae", "texture"} & set(names))
+    vgm_on_target = config.vgm_directed and bool({"vgm_vae", "vgm_clip"} & set(names))
+    need_target = bool({"ira", "ira_vae", *latent_terms} & set(names)) or vgm_on_target
+    need_clip = bool({"aux", "vgm_clip"} & set(names))
+    noise_std = config.vgm_noise / 2.0  # [-1, 1] scale -> [0, 1] scale
 
     def anchors(params, x0, target):
         """Features of the target and clean images: constants of the objective."""
@@ -227,18 +298,24 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
             anchor["target_cond"], anchor["target_vae"] = backbone.condition(
                 params, target, None, vae_layers=vae_taps
             )
-        if "clean_vae" in names:
-            _, anchor["clean_vae"] = backbone.condition(params, x0, None, vae_layers=layers.vae)
+        if need_clip:
+            anchor["clip_clean"] = backbone.image_embedding(params, x0)
+            if vgm_on_target:
+                anchor["clip_target"] = backbone.image_embedding(params, target)
         return jax.lax.stop_gradient(anchor)
 
-    def loss_terms(params, x0, delta, key, text, anchor) -> dict[str, jax.Array]:
+    def noisy_latent(params, x, key):
+        _, taps = backbone.condition(params, x + noise_std * jax.random.normal(key, x.shape), None,
+                                     vae_layers=("latent",))
+        return taps["latent"]
+
+    def loss_terms(params, x0, delta, key, text, anchor, target) -> dict[str, jax.Array]:
         k_vae, k_noise = jax.random.split(key)
-        cond, vae = backbone.condition(
-            params, x0 + delta, k_vae if config.vae_sample else None, vae_layers=vae_taps
-        )
-        noisy = backbone.add_noise(params, cond, k_noise)
+        x_adv = x0 + delta
+        cond, vae = backbone.condition(params, x_adv, k_vae if config.vae_sample else None, vae_layers=vae_taps)
         terms: dict[str, jax.Array] = {}
         if need_denoiser:
+            noisy = backbone.add_noise(params, cond, k_noise)
             pred, taps = backbone.denoise(params, noisy, cond, text, taps=denoiser_taps)
             if "dm" in names:
                 terms["dm"] = backbone.diffusion_loss(pred, noisy)
@@ -253,24 +330,46 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
                 )
                 terms["ira"] = losses.ira_loss(taps, jax.lax.stop_gradient(target_taps), layers.ira)
             if "sds" in names:
-                terms["sds"] = losses.sds_surrogate(pred, noisy.target, noisy.x0)
+                terms["sds"] = losses.sds_surrogate(backbone.eps_residual(pred, noisy), noisy.x0)
         if "ira_vae" in names:
             terms["ira_vae"] = losses.ira_loss(vae, anchor["target_vae"], layers.vae)
         if "texture" in names:
-            terms["texture"] = losses.ira_loss(vae, anchor["target_vae"], ("latent",))
-        if "clean_vae" in names:
-            terms["clean_vae"] = losses.ira_loss(vae, anchor["clean_vae"], layers.vae)
+            terms["texture"] = losses.texture_sum(vae["latent"], anchor["target_vae"]["latent"])
+        if "texture_mean" in names:
+            terms["texture_mean"] = losses.mean_squared(vae["latent"], anchor["target_vae"]["latent"])
+        if need_clip:
+            emb = backbone.image_embedding(params, x_adv)
+            if "aux" in names:
+                terms["aux"] = losses.cosine_distance(emb, anchor["clip_clean"])
+            if "vgm_clip" in names:
+                terms["vgm_clip"] = losses.cosine_distance(
+                    emb, anchor["clip_target" if config.vgm_directed else "clip_clean"]
+                )
+        if "vgm_vae" in names:
+            # Fresh noise on both branches each step (MMVGM); the reference branch is a constant.
+            k_mine, k_ref = jax.random.split(jax.random.fold_in(key, 7))
+            reference = target if config.vgm_directed else x0
+            ref_latent = jax.lax.stop_gradient(noisy_latent(params, reference, k_ref))
+            terms["vgm_vae"] = losses.cosine_distance(noisy_latent(params, x_adv, k_mine), ref_latent)
         return {k: terms[k].astype(jnp.float32) for k in names}
 
     w = jnp.asarray([weights[k] for k in names], jnp.float32)
 
-    def objective(delta, params, x0, key, text, anchor, step, scale):
-        terms = loss_terms(params, x0, delta, key, text, anchor)
+    def objective(delta, params, x0, key, text, anchor, target, scale):
+        terms = loss_terms(params, x0, delta, key, text, anchor, target)
         values = jnp.stack([terms[k] for k in names])
-        if config.normalize_terms:
-            first = jnp.maximum(jnp.abs(jax.lax.stop_gradient(values)), 1e-12)
-            scale = jnp.where(step == 0, first, scale)
-        return jnp.sum(w * values / scale), (values, scale)
+        return jnp.sum(w * values / scale), values
+
+    def initial_scale(params, x0, delta, text, anchor, target, key):
+        """Mean |value| of each term over ``normalize_draws`` draws at the start (never zero); ``key`` is the
+        run's step-0 key, so the draws follow the seed."""
+        keys = jax.random.split(jax.random.fold_in(key, 2), config.normalize_draws)
+        def one(k):
+            terms = loss_terms(params, x0, delta, k, text, anchor, target)
+            return jnp.stack([terms[name] for name in names])
+
+        draws = jax.lax.map(one, keys)
+        return jnp.maximum(jnp.mean(jnp.abs(jax.lax.stop_gradient(draws)), axis=0), 1e-12)
 
     def space_update(space, x_adv, grad):
         opt = optimizers[space]
@@ -281,10 +380,10 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
 
     branches = [functools.partial(space_update, s) for s in space_list]
 
-    def step(params, x0, text, anchor, state):
+    def step(params, x0, target, text, anchor, state):
         key, step_key = jax.random.split(state["key"])
-        (total, (values, scale)), grad = jax.value_and_grad(objective, has_aux=True)(
-            state["delta"], params, x0, step_key, text, anchor, state["step"], state["scale"]
+        (total, values), grad = jax.value_and_grad(objective, has_aux=True)(
+            state["delta"], params, x0, step_key, text, anchor, target, state["scale"]
         )
         x_adv = x0 + state["delta"]
         space = space_of_step[state["step"] % len(spaces)]
@@ -293,20 +392,27 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
             delta=dsp.project(x_next, x0, config.eps) - x0,
             step=state["step"] + 1,
             key=key,
-            scale=scale,
+            scale=state["scale"],
         )
         record = dict(values=values, total=total, grad_finite=jnp.all(jnp.isfinite(grad)))
         return new_state, record
 
     def chunk(params, x0, target, text, state):
         anchor = anchors(params, x0, target)
+        if config.normalize_terms:
+            scale = jax.lax.cond(
+                state["step"] == 0,
+                lambda: initial_scale(params, x0, state["delta"], text, anchor, target, state["key"]),
+                lambda: state["scale"],
+            )
+            state = dict(state, scale=scale)
 
         def body(state, _):
             # Steps past the end of the run are no-ops, so every chunk has the same length (one compile).
             active = state["step"] < config.steps
             return jax.lax.cond(
                 active,
-                lambda s: step(params, x0, text, anchor, s),
+                lambda s: step(params, x0, target, text, anchor, s),
                 lambda s: (s, _empty_record(len(names))),
                 state,
             )
@@ -320,7 +426,7 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
         out = {}
         for k in names:
             value, grad = jax.value_and_grad(
-                lambda d: loss_terms(params, x0, d, step_key, text, anchor)[k]
+                lambda d: loss_terms(params, x0, d, step_key, text, anchor, target)[k]
             )(state["delta"])
             out[k] = (value, jnp.all(jnp.isfinite(grad)))
         return out
@@ -462,7 +568,8 @@ class _Checkpointer:
 def _fingerprint(backbone: Backbone, config: AttackConfig, *arrays: np.ndarray, prompts: Sequence[str]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([backbone.name, config.to_dict(), list(prompts)], sort_keys=True).encode())
-    for a in arrays:
+    reference = getattr(backbone, "reference_latents", None)  # another reference video is another run
+    for a in (*arrays, *([] if reference is None else [np.asarray(reference)])):
         h.update(str(a.shape).encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
@@ -476,7 +583,9 @@ class Protector:
 
     def __init__(self, backbone: Backbone, config: AttackConfig):
         self.backbone = backbone
-        self.config = config
+        # The terms this backbone can compute; ``term_notes`` says what was left out and why.
+        self.config, self.term_notes = resolve_terms(backbone, config)
+        config = self.config
         _Layers.resolve(backbone, config)  # fail early on bad layer choices
         # On the device once (host arrays would be copied in at every chunk), and only what a step needs
         # when the backbone says so (``attack_params``, e.g. no VAE decoder).
@@ -718,6 +827,7 @@ def protect_batch(
 
 __all__ = [
     "METHODS",
+    "METHOD_NOTES",
     "TERMS",
     "AttackConfig",
     "AttackError",
@@ -726,4 +836,5 @@ __all__ = [
     "Protector",
     "protect",
     "protect_batch",
+    "resolve_terms",
 ]

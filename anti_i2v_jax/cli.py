@@ -15,7 +15,7 @@ DEFAULT_BACKBONE = "cogvideox-tiny"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from anti_i2v_jax.attack import METHODS
+    from anti_i2v_jax.attack import METHOD_NOTES, METHODS
 
     parser = argparse.ArgumentParser(
         prog="anti-i2v",
@@ -30,9 +30,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="text prompt / caption of the image (default: the config's prompt)")
     p.add_argument("--eps", type=float, default=16.0, help="L-inf budget in 8-bit levels (default 16, i.e. 16/255)")
     p.add_argument("--steps", type=int, default=200, help="optimisation steps (default 200)")
-    p.add_argument("--method", default="anti-i2v", choices=sorted(METHODS), help="objective preset")
+    p.add_argument("--method", default="anti-i2v", choices=sorted(METHODS), metavar="METHOD",
+                   help="objective preset (default anti-i2v): " + "; ".join(f"{k}: {v}" for k, v in METHOD_NOTES.items()))
     p.add_argument("--schedule", help="perturbation spaces: alternate, lab, dct, rgb, or a list like lab,dct")
     p.add_argument("--target", type=Path, help="IRA/MIST target image (default: a seeded procedural texture)")
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--reference-video", type=Path, metavar="FILE",
+                     help="a clean video of the person (animated GIF/PNG/WebP, or a folder of frames) whose latents "
+                          "replace the repeated image as the diffusion target; frame 0 stays the image")
+    ref.add_argument("--reference", choices=["auto"],
+                     help="auto: first generate the clean video from each photo and the prompt with the backbone, "
+                          "then use it as the reference video (the paper's protocol)")
     p.add_argument("--out", type=Path, default=Path("protected"), help="output folder (default ./protected)")
     p.add_argument("--devices", type=int, default=1, help="protect this many images at once, one per device")
     p.add_argument("--parallel", default="shard_map", choices=["shard_map", "pmap"], help="with --devices > 1")
@@ -132,6 +140,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _protect(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from anti_i2v_jax import io
     from anti_i2v_jax.attack import AttackConfig, Protector, check_image
 
@@ -169,6 +179,25 @@ def _protect(args: argparse.Namespace) -> int:
             check_image(im, backbone)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
+    reference = args.reference_video or args.reference
+    if reference is not None:
+        if not hasattr(backbone, "with_reference_video"):
+            raise UserError(f"backbone {backbone.name!r} cannot take a reference video; drop --reference/--reference-video")
+        if args.devices != 1:
+            raise UserError("--reference/--reference-video protect one image at a time: use --devices 1")
+        if args.reference == "auto" and not hasattr(backbone, "generate"):
+            raise UserError(f"backbone {backbone.name!r} cannot generate the reference video; give --reference-video")
+        clip = io.load_video(args.reference_video) if args.reference_video else None
+        for i, name in enumerate(names):
+            video = clip if clip is not None else backbone.generate(images[i], config.prompt, seed=args.seed)
+            with_ref = backbone.with_reference_video(backbone.params, video.astype(np.float32) / 255.0)
+            protector = Protector(with_ref, config)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (result,) = protector.protect([images[i]], target=target, checkpoint_dir=args.out / f"{name}.state",
+                                          progress=not args.quiet)
+            _write_outputs(args, protector, backbone.name, args.inputs[i], images[i], result, protected_paths)
+        return 0
+
     protector = Protector(backbone, config)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -189,18 +218,24 @@ def _protect(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
             )
             for i, result in zip(idx, results):
-                _write_outputs(args, config, backbone.name, args.inputs[i], images[i], result, protected_paths)
+                _write_outputs(args, protector, backbone.name, args.inputs[i], images[i], result, protected_paths)
     return 0
 
 
-def _write_outputs(args, config, backbone_name, src: Path, original, result, protected_paths) -> None:
+def _write_outputs(args, protector, backbone_name, src: Path, original, result, protected_paths) -> None:
+    import math
+
     import jax
 
     from anti_i2v_jax import io, metrics
 
     stem = args.out / src.stem
     image_path = io.save_image(f"{stem}_protected.png", result.image, protect=protected_paths)
+    config = protector.config
     change = metrics.linf(result.image, original)
+    psnr = metrics.psnr(result.image, original)
+    reference = (f"auto (generated by {backbone_name} from the photo and the prompt)" if args.reference == "auto"
+                 else str(args.reference_video) if args.reference_video else None)
     report = {
         "input": str(src),
         "output": str(image_path),
@@ -211,12 +246,14 @@ def _write_outputs(args, config, backbone_name, src: Path, original, result, pro
         "method": config.method,
         "prompt": config.prompt,
         "target": str(args.target) if args.target else f"procedural texture (seed {config.target_seed})",
+        "reference_video": reference,
+        "terms_off": protector.term_notes,
         "settings": config.to_dict(),
         "size": list(original.shape[:2]),
         "linf_levels": change,
         "linf": change / 255.0,
         "budget_levels": config.eps * 255.0,
-        "psnr_db": metrics.psnr(result.image, original),
+        "psnr_db": psnr if math.isfinite(psnr) else None,  # None: the image is unchanged
         "ssim": metrics.ssim(result.image, original),
         "wall_seconds": result.seconds,
         "resumed_from_step": result.resumed_from,
@@ -227,7 +264,7 @@ def _write_outputs(args, config, backbone_name, src: Path, original, result, pro
     }
     io.save_json(f"{stem}_report.json", report, protect=protected_paths)
     _plot_losses(Path(f"{stem}_loss.png"), result.history, f"{src.name} [{backbone_name}, {config.method}]", protected_paths)
-    print(f"{src} -> {image_path}  (L-inf {change}/255, PSNR {report['psnr_db']:.2f} dB, SSIM {report['ssim']:.4f})")
+    print(f"{src} -> {image_path}  (L-inf {change}/255, PSNR {psnr:.2f} dB, SSIM {report['ssim']:.4f})")
 
 
 def _plot_losses(path: Path, history, title: str, protected_paths) -> None:

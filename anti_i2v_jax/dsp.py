@@ -3,7 +3,7 @@
 Anti-I2V perturbs an image in two spaces that alternate by iteration: the chroma channels (a*, b*)
 of CIE L*a*b* and the low-frequency coefficients of an orthonormal 2-D DCT-II. After every step the
 image is mapped back to RGB and projected onto ``||x_adv - x||_inf <= eps`` and [0, 1]; see
-``shared/docs/reference/method.md`` section 1.2 and the defaults of section 4.
+``docs/method.md`` (sections 2 and 3).
 
 Images here are ``(..., H, W, 3)`` float arrays in [0, 1] (channels last). Everything is pure and
 differentiable; the gradient step in a space is the pull-back of the RGB gradient through that

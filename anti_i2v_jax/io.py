@@ -72,6 +72,34 @@ def load_image(path: str | Path, *, max_side: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
+def load_video(path: str | Path) -> np.ndarray:
+    """Read a reference video as uint8 ``(T, H, W, 3)``: an animated image (GIF, APNG, WebP, multi-page TIFF)
+    or a folder of frame images in name order. Errors are one line (:class:`ImageError`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ImageError(f"{path}: an empty folder, expected frame images")
+        frames = [load_image(f) for f in files]
+    else:
+        try:
+            with Image.open(path) as img:
+                frames = []
+                for i in range(getattr(img, "n_frames", 1)):
+                    img.seek(i)
+                    frames.append(_to_rgb8(img.convert("RGBA") if img.mode == "P" else img.copy()))
+        except UnidentifiedImageError:
+            raise ImageError(f"{path}: not a video Pillow can read (use an animated GIF/PNG/WebP or a folder of "
+                             f"frames)") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{path}: cannot decode video ({e})") from None
+    if len({f.shape for f in frames}) > 1:
+        raise ImageError(f"{path}: frames differ in size {sorted({f.shape[:2] for f in frames})}")
+    return np.stack(frames)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any], *, protect: Iterable[Path] = ()) -> Path:
     """Write ``path`` through a temporary file in the same folder and rename it into place.
 

@@ -1,8 +1,8 @@
 """Anti-I2V objectives as pure functions of model outputs and taps.
 
 Taps are plain ``{layer: array}`` dicts as a backbone returns them; nothing here touches a module.
-See ``shared/docs/reference/method.md``: IRC (section 1.3), IRA (1.4), the total objective (1.5) and
-the baselines (section 3). Every function returns a float32 scalar; "mean" means the mean over all
+See ``docs/method.md``: IRC, IRA, the auxiliary term, the total objective and
+the baselines (README: Methods). Every function returns a float32 scalar; "mean" means the mean over all
 elements of a tap, so layers of different widths weigh the same.
 """
 
@@ -57,14 +57,43 @@ def ira_loss(taps: Taps, target_taps: Taps, layers: Sequence[int | str]) -> jax.
     return sum(mean_squared(taps[m], target_taps[m]) for m in layers)
 
 
-def sds_surrogate(prediction: jax.Array, target: jax.Array, latents: jax.Array) -> jax.Array:
-    """Score-distillation surrogate whose gradient w.r.t. ``latents`` is ``(prediction - target) / n``.
+# Stable Diffusion's latent (4 x 64 x 64) is the size MIST's and Diff-Protect's summed losses were balanced at.
+SD_LATENT_ELEMENTS = 4 * 64 * 64
 
-    The residual is a constant (no gradient flows through the denoiser), so the image gradient is the
-    encoder's Jacobian applied to it, as in Xue et al. (ICLR 2024) ``pgd_sds``.
+
+def texture_sum(z: jax.Array, z_target: jax.Array) -> jax.Array:
+    """MIST's textural loss, ``MSELoss(reduction="sum")`` between latents, rescaled to SD's latent size.
+
+    ``sum((z - z_target)^2) * SD_LATENT_ELEMENTS / z.size``: exactly MIST's value on a 64x64x4 latent, and on
+    larger latents the same per-element weight against a mean-reduced diffusion loss, so MIST's fusion
+    rate (1e4) keeps the balance it was chosen for.
     """
-    residual = jax.lax.stop_gradient(prediction.astype(jnp.float32) - target.astype(jnp.float32))
-    return jnp.mean(residual * latents.astype(jnp.float32))
+    d = z.astype(jnp.float32) - z_target.astype(jnp.float32)
+    return jnp.sum(jnp.square(d)) * (SD_LATENT_ELEMENTS / d.size)
+
+
+def sds_surrogate(residual: jax.Array, latents: jax.Array) -> jax.Array:
+    """Score-distillation surrogate: its gradient w.r.t. ``latents`` is the constant ``residual`` (eps_hat - eps).
+
+    No gradient flows through the denoiser (Xue et al., ICLR 2024, ``pgd_sds``: ``z.backward(gradient=eps_hat -
+    eps)``). The sum over each frame is rescaled to SD's latent size and averaged over frames, so with one
+    64x64x4 frame it is Diff-Protect's surrogate exactly, and ``sdst``'s target rate keeps its meaning.
+    """
+    r = jax.lax.stop_gradient(residual.astype(jnp.float32))
+    per_frame = r[0].size if r.ndim > 3 else r.size
+    frames = r.shape[0] if r.ndim > 3 else 1
+    return jnp.sum(r * latents.astype(jnp.float32)) * (SD_LATENT_ELEMENTS / per_frame) / frames
+
+
+def cosine_distance(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``1 - cos(a, b)`` over all elements (float32): VGMShield's feature distance.
+
+    Computed as ``|a/|a| - b/|b||^2 / 2``, equal to ``1 - cos`` but exact near 0, where ``1 - dot`` would lose
+    every digit to rounding (two nearly parallel embeddings are the common case at the start of a run).
+    """
+    a, b = a.astype(jnp.float32).ravel(), b.astype(jnp.float32).ravel()
+    unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v), 1e-12)  # noqa: E731
+    return 0.5 * jnp.sum(jnp.square(unit(a) - unit(b)))
 
 
 def weighted_total(

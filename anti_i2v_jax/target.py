@@ -1,7 +1,7 @@
 """The default IRA target image: a seeded, high-contrast procedural texture.
 
 IRA pulls the protected image's features onto those of an unrelated target image psi. The paper's
-choice of psi is unknown (method.md section 4 suggests a MIST-like texture), so the default is a
+choice of psi is unknown (docs/method.md), so the default is a
 texture made from nothing but a seed: a few square-wave gratings at random orientations and
 frequencies, each painted in a random saturated colour, thresholded into hard edges. It has strong
 edges at many scales and orientations and no faces or objects, which is what an "unrelated" anchor

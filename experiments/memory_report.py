@@ -53,9 +53,14 @@ def _sds(tree):
 
 def step_function(backbone):
     """(fn, abstract args) of one protection step of ``backbone`` at its model size (one image)."""
-    from anti_i2v_jax.attack import AttackConfig, _initial_state, _make_chunk_fn
+    from anti_i2v_jax.attack import (
+        AttackConfig,
+        _initial_state,
+        _make_chunk_fn,
+        resolve_terms,
+    )
 
-    config = AttackConfig(steps=1, chunk_size=1, checkpoint_every=1)
+    config, _ = resolve_terms(backbone, AttackConfig(steps=1, chunk_size=1, checkpoint_every=1))
     h, w = backbone.model_size
     chunk, _ = _make_chunk_fn(backbone, config, (h, w))
     params = jax.eval_shape(lambda p: dataclasses.replace(backbone, params=p).attack_params, backbone.params)

@@ -13,6 +13,13 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from double import TinyBackbone  # noqa: E402
+from fixtures import ENV, env_roots  # noqa: E402
+
+
+def pytest_configure(config):
+    missing = [str(r) for r in env_roots() if not r.is_dir()]
+    if missing:
+        raise pytest.UsageError(f"{ENV} names folders that do not exist: {missing}; fix the path or unset {ENV}")
 
 
 @pytest.fixture(scope="session")

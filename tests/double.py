@@ -128,6 +128,9 @@ class TinyBackbone:
         )
         return pred, {int(k.split("_")[1]): v for k, v in _taps(state).items()}
 
+    def eps_residual(self, prediction, noisy):
+        return prediction - noisy.target  # eps-prediction
+
     def diffusion_loss(self, prediction, noisy):
         loss = jnp.mean(jnp.square(prediction - noisy.target))
         if self.nan_loss:

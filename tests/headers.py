@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "docs" / "reference" / "keys"
+# Key names and shapes of the released checkpoints (read from their safetensors headers / state dicts).
+KEYS = Path(__file__).resolve().parent / "data" / "keys"
 needs_keys = pytest.mark.skipif(not KEYS.is_dir(), reason=f"key lists not found at {KEYS}")
 
 

@@ -8,6 +8,7 @@ import pytest
 from double import TinyBackbone
 
 from anti_i2v_jax import (
+    METHOD_NOTES,
     METHODS,
     AttackConfig,
     NonFiniteError,
@@ -15,7 +16,9 @@ from anti_i2v_jax import (
     UserError,
     protect,
     protect_batch,
+    resolve_terms,
 )
+from anti_i2v_jax.target import procedural_texture
 
 FAST = AttackConfig(steps=6, chunk_size=3, checkpoint_every=3)
 
@@ -25,11 +28,38 @@ def test_protect_keeps_size_budget_and_records_every_term(backbone, image):
     assert result.image.shape == image.shape and result.image.dtype == np.uint8
     change = np.abs(result.image.astype(int) - image.astype(int))
     assert 0 < change.max() <= 16
+    # The test double has no CLIP image encoder: the auxiliary term is off, and the protector says so.
     assert set(result.history) == {"irc", "ira", "ira_vae", "dm", "total"}
+    assert "aux" in Protector(backbone, FAST).term_notes
     for values in result.history.values():
         assert values.shape == (6,) and np.isfinite(values).all()
-    # Step 0 normalises every term to 1: the total is the sum of the weights.
-    assert result.history["total"][0] == pytest.approx(1 + 1 + 1 - 1, rel=1e-5)
+
+
+def test_a_deterministic_term_is_normalised_to_one(backbone, image):
+    """The VAE IRA term has no random draw: its start value equals its normalisation, so the total starts at 1."""
+    config = AttackConfig(weights=(("ira_vae", 1.0),), steps=2, chunk_size=2, checkpoint_every=2)
+    assert protect(backbone, image, config).history["total"][0] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_normalisation_over_several_draws_is_steadier_than_one(backbone, image):
+    """The diffusion loss varies with the random (t, eps) draw; its normalisation is the mean over
+    ``normalize_draws`` draws, so the effective weight varies less between seeds than with one draw."""
+    from anti_i2v_jax.attack import _initial_state, _make_chunk_fn
+
+    x0 = image.astype(np.float32) / 255
+    text = backbone.encode_text(backbone.params, "a video")
+
+    def scales(draws):
+        config = AttackConfig(weights=(("dm", -1.0),), steps=1, chunk_size=1, checkpoint_every=1, normalize_draws=draws)
+        chunk = jax.jit(_make_chunk_fn(backbone, config, image.shape[:2])[0])
+        out = []
+        for seed in range(8):  # the draws follow the seed through the state's key
+            state, _ = chunk(backbone.params, x0, x0, text, _initial_state(dataclasses.replace(config, seed=seed), x0))
+            out.append(float(state["scale"][0]))
+        return np.std(out) / np.mean(out)
+
+    one, many = scales(1), scales(16)
+    assert many < 0.5 * one, (one, many)
 
 
 def test_sign_descent_lowers_the_objective(backbone, image):
@@ -71,8 +101,61 @@ def test_every_method_preset_runs_within_budget(backbone, image, method):
     config = AttackConfig.for_method(method, steps=2, chunk_size=2, checkpoint_every=2)
     result = protect(backbone, image, config)
     assert np.abs(result.image.astype(int) - image.astype(int)).max() <= 16
-    assert set(result.history) == {*config.term_names, "total"}
+    assert set(result.history) == {*resolve_terms(backbone, config)[0].term_names, "total"}
     assert all(np.isfinite(v).all() for v in result.history.values())
+
+
+# What each preset must do to the image, measured at the same 16 fixed (t, eps, noise) draws before and
+# after 10 steps: the term that defines the method, and the direction it must move (+1 up, -1 down).
+MAIN_TERMS = {
+    "anti-i2v": {"ira_vae": -1},
+    "advdm": {"dm": +1},
+    "mist": {"texture": -1, "dm": +1},
+    "mist-vaijsc": {"dm": +1},
+    "vgmshield": {"vgm_vae": +1},
+    "vgmshield-directed": {"vgm_vae": -1},
+    "sds": {"sds": -1},  # the surrogate's gradient is the residual: SDS(-) lowers it, SDS(+) raises it
+    "sds+": {"sds": +1},
+    "sdst": {"sds": -1, "texture": -1},
+    "photoguard": {"texture": -1},
+}
+
+
+def paired_terms(backbone, image, config, protected, probes):
+    """Mean of each probe term over 16 fixed draws, at the clean image and at ``protected``."""
+    from anti_i2v_jax.attack import _make_chunk_fn
+
+    probe = AttackConfig(weights=tuple((k, 1.0) for k in probes), vgm_directed=config.vgm_directed,
+                         normalize_terms=False, steps=1, chunk_size=1, checkpoint_every=1)
+    _, terms_at = _make_chunk_fn(backbone, probe, image.shape[:2])
+    terms_at = jax.jit(terms_at)
+    x0 = image.astype(np.float32) / 255
+    target = procedural_texture(*image.shape[:2], seed=config.target_seed).astype(np.float32) / 255
+    text = backbone.encode_text(backbone.params, config.prompt)
+
+    def mean_at(x):
+        rows = []
+        for s in range(16):
+            state = dict(delta=x - x0, key=jax.random.PRNGKey(100 + s), step=np.int32(0), scale=np.ones(len(probes)))
+            out = terms_at(backbone.params, x0, target, text, state)
+            rows.append([float(out[k][0]) for k in probes])
+        return dict(zip(probes, np.mean(rows, 0)))
+
+    return mean_at(x0), mean_at(protected.astype(np.float32) / 255)
+
+
+def test_preset_table_covers_every_method():
+    assert set(MAIN_TERMS) == set(METHODS) == set(METHOD_NOTES)
+
+
+@pytest.mark.parametrize("method", sorted(MAIN_TERMS))
+def test_every_preset_moves_the_image_and_its_main_term_the_right_way(backbone, image, method):
+    config = AttackConfig.for_method(method, steps=10, chunk_size=10, checkpoint_every=10)
+    result = protect(backbone, image, config)
+    assert np.abs(result.image.astype(int) - image.astype(int)).max() > 0, "the image did not change"
+    before, after = paired_terms(backbone, image, config, result.image, tuple(MAIN_TERMS[method]))
+    for term, direction in MAIN_TERMS[method].items():
+        assert direction * (after[term] - before[term]) > 0, (term, before[term], after[term])
 
 
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
@@ -154,7 +237,7 @@ def test_bad_settings_are_clear_errors(backbone, image):
     with pytest.raises(UserError, match="multiple of"):
         AttackConfig(chunk_size=4, checkpoint_every=10)
     with pytest.raises(UserError, match="unknown method"):
-        AttackConfig.for_method("photoguard")
+        AttackConfig.for_method("photoguardian")
     with pytest.raises(UserError, match="too small"):
         protect(backbone, image[:8], FAST)
     with pytest.raises(UserError, match="uint8"):

@@ -124,3 +124,34 @@ def test_precision_on_a_backbone_without_settings_is_one_clear_line(tmp_path, im
                         "--precision", "bf16", *FAST)
     assert code == 2 and err.count("\n") == 1 and "--precision" in err
     assert not (tmp_path / "o" / "face_protected.png").exists()
+
+
+def test_sds_with_a_reference_video_still_moves_the_image(tmp_path, image, capsys):
+    """With a reference video the video latents come from the clip, and frame 0 from the image: SDS, whose
+    gradient reaches the image only through the video latents, still changes it."""
+    from PIL import Image
+
+    src = tmp_path / "face.png"
+    save_image(src, image)
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray((rng.uniform(size=(48, 64, 3)) * 255).astype(np.uint8)) for _ in range(4)]
+    clip = tmp_path / "clip.gif"
+    frames[0].save(clip, save_all=True, append_images=frames[1:])
+    code, _, err = _run(capsys, "protect", str(src), "--backbone", "cogvideox-tiny", "--method", "sds",
+                        "--reference-video", str(clip), "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "face_report.json").read_text())
+    assert report["reference_video"] == str(clip) and report["linf_levels"] > 0
+    assert report["terms_off"] == {}
+
+
+def test_reference_video_errors_are_one_line(tmp_path, image, capsys, double_registered):
+    src = tmp_path / "face.png"
+    save_image(src, image)
+    code, _, err = _run(capsys, "protect", str(src), "--backbone", double_registered, "--reference-video",
+                        str(tmp_path / "missing.gif"), "--out", str(tmp_path / "o"), *FAST)
+    assert code == 2 and "cannot take a reference video" in err and "Traceback" not in err
+    code, _, err = _run(capsys, "protect", str(src), "--backbone", "cogvideox-tiny", "--reference-video",
+                        str(tmp_path / "missing.gif"), "--out", str(tmp_path / "o"), *FAST)
+    assert code == 2 and "missing.gif" in err and "no such file" in err
+    assert not (tmp_path / "o").exists()

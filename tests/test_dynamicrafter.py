@@ -8,7 +8,7 @@ import functools
 import jax
 import numpy as np
 import pytest
-from fixtures import assert_close, case_dirs, load_case
+from fixtures import assert_close, case_dirs, load_case, output_params
 
 from anti_i2v_jax.errors import UserError
 
@@ -102,20 +102,6 @@ def vae_outputs(case, file_name) -> dict[str, np.ndarray]:
     return out
 
 
-VAE_OUTPUTS = ["vae.posterior_mean", "vae.posterior_logvar", "vae.enc.conv_in", "vae.enc.down.0", "vae.enc.down.1",
-               "vae.enc.down.2", "vae.enc.mid", "vae.enc.conv_out", "vae.decode"]
-
-
-@needs_case
-@pytest.mark.parametrize("file_name", FILES)
-@pytest.mark.parametrize("output", VAE_OUTPUTS)
-def test_first_stage_vae_matches_upstream(file_name, output):
-    for case in CASES:
-        meta, _, expected = load_case(case)
-        if output in expected:
-            assert_close(vae_outputs(case, file_name)[output], expected[output], meta["tolerance"], f"{case.name}: {output}")
-
-
 @functools.cache
 def conditioning_outputs(case, file_name) -> dict[str, np.ndarray]:
     """CLIP preprocessing, the OpenCLIP towers and the Resampler, from the case's own config.yaml."""
@@ -178,65 +164,49 @@ def conditioning_outputs(case, file_name) -> dict[str, np.ndarray]:
     return out
 
 
-CONDITIONING_OUTPUTS = ["clip_image.preprocessed", "clip_image.tokens", "clip_image.block.0", "clip_image.block.1",
-                        "clip_aa.preprocessed", "clip_aa.tokens", "resampler.out", "text.context", "text.block.0",
-                        "text.block.1", "uncond.text.context", "uncond.clip_image.tokens", "uncond.resampler.out"]
-
-
-@needs_case
-@pytest.mark.parametrize("file_name", FILES)
-@pytest.mark.parametrize("output", CONDITIONING_OUTPUTS)
-def test_clip_text_and_resampler_match_upstream(file_name, output):
-    for case in CASES:
-        meta, _, expected = load_case(case)
-        if output in expected:
-            got = conditioning_outputs(case, file_name)[output]
-            assert_close(got, expected[output], meta["tolerance"], f"{case.name}: {output}")
-
-
-@needs_case
-def test_diffusion_schedule_equals_the_checkpoint_buffers_and_the_loss_inputs_match():
+def diffusion_config(case):
+    """The case's DiffusionConfig, read from its config.yaml as the converter reads it."""
     import yaml
 
+    from anti_i2v_jax.backbones.dynamicrafter.config import from_yaml
+
+    return from_yaml(yaml.safe_load((case / "config.yaml").read_text()), str(case / "config.yaml")).diffusion
+
+
+@functools.cache
+def diffusion_outputs(case, file_name) -> dict[str, np.ndarray]:
+    """z0 (our VAE's posterior mean x scale_factor, every frame), dynamic rescale, q_sample and the target, with
+    the schedule built from config.yaml; first checks it against every schedule buffer the checkpoint has."""
     from anti_i2v_jax.backbones.dynamicrafter.diffusion import (
-        DiffusionConfig,
         q_sample,
         rescale_x0,
         schedule,
         target,
     )
-    from weights_convert.core import SafetensorsSource
+    from weights_convert.dynamicrafter import checkpoint_source
 
-    for case in CASES:
-        meta, inp, expected = load_case(case)
-        p = yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]
-        cfg = DiffusionConfig(
-            timesteps=p["timesteps"], linear_start=p["linear_start"], linear_end=p["linear_end"],
-            rescale_betas_zero_snr=p.get("rescale_betas_zero_snr", False), parameterization=p.get("parameterization", "eps"),
-            use_dynamic_rescale=p.get("use_dynamic_rescale", False), base_scale=p.get("base_scale", 1.0),
-            scale_factor=p["scale_factor"],
-        )
-        tables = schedule(cfg)
-        source = SafetensorsSource(case / "model.safetensors")
-        for name in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "scale_arr"):
-            np.testing.assert_array_equal(tables[name], source.load(name), err_msg=name)
-        # z0: the image's posterior mean x scale_factor, for every frame (our VAE, above)
-        mean = vae_outputs(case, "model.safetensors")["vae.posterior_mean"]
-        frames = expected["diffusion.z0"].shape[2]
-        z0 = np.repeat((cfg.scale_factor * mean)[:, :, None], frames, axis=2)
-        tol = meta["tolerance"]
-        assert_close(z0, expected["diffusion.z0"], tol, "diffusion.z0")
-        t = int(inp["t"][0])
-        x_start = rescale_x0(tables, z0, t)
-        assert_close(x_start, expected["diffusion.x_start"], tol, "diffusion.x_start")
-        assert_close(q_sample(tables, x_start, inp["noise"], t), expected["diffusion.x_t"], tol, "diffusion.x_t")
-        assert_close(target(cfg, tables, x_start, inp["noise"], t), expected["diffusion.target"], tol, "diffusion.target")
+    cfg = diffusion_config(case)
+    tables = schedule(cfg)
+    source = checkpoint_source(case / file_name)
+    for name in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "scale_arr"):
+        if name == "scale_arr" and name not in source.keys():
+            # upstream registers the buffer only with dynamic rescale on
+            assert not cfg.use_dynamic_rescale, f"{case.name}: dynamic rescale on, but the checkpoint has no scale_arr"
+            continue
+        np.testing.assert_array_equal(tables[name], source.load(name), err_msg=f"{case.name}: {name}")
+    _, inp, _ = load_case(case)
+    frames = inp["noise"].shape[2]
+    mean = vae_outputs(case, file_name)["vae.posterior_mean"]
+    z0 = np.repeat((cfg.scale_factor * mean)[:, :, None], frames, axis=2)
+    t = int(inp["t"][0])
+    x_start = np.asarray(rescale_x0(tables, z0, t))
+    return {"diffusion.z0": z0, "diffusion.x_start": x_start,
+            "diffusion.x_t": np.asarray(q_sample(tables, x_start, inp["noise"], t)),
+            "diffusion.target": np.asarray(target(cfg, tables, x_start, inp["noise"], t))}
 
 
-UNET_OUTPUTS = ["unet.time_embed", "unet.fps_embedding", "unet.input_blocks.0", "unet.input_blocks.1",
-                "unet.input_blocks.2", "unet.input_blocks.3", "unet.init_attn", "unet.middle_block",
-                "unet.output_blocks.0", "unet.output_blocks.1", "unet.output_blocks.2", "unet.output_blocks.3",
-                "unet.out", "loss"]
+# Upstream module names that this port's U-Net sows under another name.
+UNET_ALIASES = {"framestride_embed": "fps_embedding"}
 
 
 @functools.cache
@@ -253,73 +223,91 @@ def unet_outputs(case, file_name) -> dict[str, np.ndarray]:
     source = PrefixSource(checkpoint_source(case / file_name), "model.diffusion_model.")
 
     cond = conditioning_outputs(case, file_name)
-    x_t = expected["diffusion.x_t"].transpose(0, 2, 3, 4, 1)  # (B, T, h, w, C); checked against the port above
+    x_t = diffusion_outputs(case, file_name)["diffusion.x_t"].transpose(0, 2, 3, 4, 1)  # (B, T, h, w, C); checked against the port above
     z0 = expected["diffusion.z0"].transpose(0, 2, 3, 4, 1)
     x = np.concatenate([x_t, np.repeat(z0[:, :1], x_t.shape[1], axis=1)], axis=-1)
     context = np.concatenate([cond["text.context"], cond["resampler.out"]], axis=1)
-    taps = tuple(name[len("unet."):] for name in UNET_OUTPUTS if name not in ("unet.out", "loss"))
+    meta, _, _ = load_case(case)
+    taps = tuple(UNET_ALIASES.get(n[len("unet."):], n[len("unet."):]) for n in meta["outputs"]
+                 if n.startswith("unet.") and n != "unet.out")
     model = UNetModel(cfg, taps=taps)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, inp["t"], context, inp["fs"]))["params"]
     params, _ = convert(source, UNET_RULES, abstract)
     out, state = model.apply({"params": params}, x, inp["t"], context, inp["fs"], mutable=["intermediates"])
     result = {"unet.out": np.asarray(out).transpose(0, 4, 1, 2, 3)}
+    upstream_name = {ours: theirs for theirs, ours in UNET_ALIASES.items()}
     for t in taps:
         v = np.asarray(state["intermediates"][f"tap:{t}"][0])
-        result[f"unet.{t}"] = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v
+        result[f"unet.{upstream_name.get(t, t)}"] = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v
     result["loss"] = np.asarray(np.mean((result["unet.out"] - expected["diffusion.target"]) ** 2))
     return result
 
 
-@needs_case
-@pytest.mark.parametrize("file_name", FILES)
-@pytest.mark.parametrize("output", UNET_OUTPUTS)
-def test_unet_matches_upstream(file_name, output):
-    for case in CASES:
-        meta, _, expected = load_case(case)
-        if output in expected:
-            assert_close(unet_outputs(case, file_name)[output], expected[output], meta["tolerance"], f"{case.name}: {output}")
-
-
-@needs_case
-@pytest.mark.parametrize("output, steps", [("ddim.x0", 2), ("ddim.steps3.x0", 3)])
-def test_ddim_with_guidance_rescale_matches_upstream(output, steps):
+@functools.cache
+def ddim_outputs(case, file_name) -> dict[str, np.ndarray]:
+    """Every DDIM run the case lists under settings.ddim_runs (steps, CFG scale, guidance rescale, spacing), with
+    the case's own schedule and parameterisation."""
     import jax.numpy as jnp
     import yaml
 
-    from anti_i2v_jax.backbones.dynamicrafter.diffusion import (
-        DiffusionConfig,
-        ddim_sample,
-        schedule,
-    )
+    from anti_i2v_jax.backbones.dynamicrafter.diffusion import ddim_sample, schedule
     from anti_i2v_jax.backbones.dynamicrafter.unet import UNetConfig, UNetModel
-    from weights_convert.core import PrefixSource, SafetensorsSource, convert
-    from weights_convert.dynamicrafter import UNET_RULES
+    from weights_convert.core import PrefixSource, convert
+    from weights_convert.dynamicrafter import UNET_RULES, checkpoint_source
 
-    for case in CASES:
-        meta, inp, expected = load_case(case)
-        if output not in expected:
-            continue
-        cfg = UNetConfig.from_ldm(yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["unet_config"]["params"])
-        source = PrefixSource(SafetensorsSource(case / "model.safetensors"), "model.diffusion_model.")
+    meta, inp, _ = load_case(case)
+    cfg = UNetConfig.from_ldm(yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["unet_config"]["params"])
+    source = PrefixSource(checkpoint_source(case / file_name), "model.diffusion_model.")
+    cond = conditioning_outputs(case, file_name)
+    contexts = {
+        True: np.concatenate([cond["text.context"], cond["resampler.out"]], axis=1),
+        False: np.concatenate([cond["uncond.text.context"], cond["uncond.resampler.out"]], axis=1),
+    }
+    z0 = diffusion_outputs(case, file_name)["diffusion.z0"].transpose(0, 2, 3, 4, 1)
+    c_concat = np.repeat(z0[:, :1], z0.shape[1], axis=1)
+    x_T = inp["noise"].transpose(0, 2, 3, 4, 1)
+    model = UNetModel(cfg)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.concatenate([x_T, c_concat], -1),
+                                                 inp["t"], contexts[True], inp["fs"]))["params"]
+    params, _ = convert(source, UNET_RULES, abstract)
+    apply = jax.jit(lambda x, t, ctx: model.apply({"params": params}, jnp.concatenate([x, c_concat], -1),
+                                                  jnp.full((1,), t), ctx, inp["fs"]))
+    dcfg = diffusion_config(case)
+    out = {}
+    for run in meta["settings"]["ddim_runs"]:
+        assert run.get("eta", 0.0) == 0.0, f"{case.name}: DDIM with eta > 0 needs torch's RNG; not comparable"
+        x = ddim_sample(lambda x, t, c: apply(x, t, contexts[c]), x_T, dcfg, schedule(dcfg), steps=run["steps"],
+                        guidance_scale=run["cfg_scale"], guidance_rescale=run.get("guidance_rescale", 0.0),
+                        spacing=run.get("timestep_spacing", "uniform"))
+        out[f"{run['name']}.x0"] = np.asarray(x).transpose(0, 4, 1, 2, 3)
+    return out
 
-        cond = conditioning_outputs(case, "model.safetensors")
-        contexts = {
-            True: np.concatenate([cond["text.context"], cond["resampler.out"]], axis=1),
-            False: np.concatenate([cond["uncond.text.context"], cond["uncond.resampler.out"]], axis=1),
-        }
-        z0 = expected["diffusion.z0"].transpose(0, 2, 3, 4, 1)
-        c_concat = np.repeat(z0[:, :1], z0.shape[1], axis=1)
-        x_T = inp["noise"].transpose(0, 2, 3, 4, 1)
-        model = UNetModel(cfg)
-        abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.concatenate([x_T, c_concat], -1),
-                                                     inp["t"], contexts[True], inp["fs"]))["params"]
-        params, _ = convert(source, UNET_RULES, abstract)
-        apply = jax.jit(lambda x, t, ctx: model.apply({"params": params}, jnp.concatenate([x, c_concat], -1),
-                                                      jnp.full((1,), t), ctx, inp["fs"]))
-        dcfg = DiffusionConfig()
-        x = ddim_sample(lambda x, t, c: apply(x, t, contexts[c]), x_T, dcfg, schedule(dcfg), steps=steps,
-                        guidance_scale=7.5, guidance_rescale=0.7)
-        assert_close(np.asarray(x).transpose(0, 4, 1, 2, 3), expected[output], meta["tolerance"], f"{case.name}: {output}")
+
+# Which computation produces an output, by the output's name (the case.json contract).
+GROUPS = (
+    (("vae.",), vae_outputs),
+    (("clip_image.", "clip_aa.", "text.", "uncond.", "resampler."), conditioning_outputs),
+    (("diffusion.",), diffusion_outputs),
+    (("unet.", "loss"), unet_outputs),
+    (("ddim",), ddim_outputs),
+)
+
+
+def ours(case, file_name, output) -> np.ndarray:
+    for prefixes, compute in GROUPS:
+        if output.startswith(prefixes):
+            got = compute(case, file_name)
+            assert output in got, f"{case.name}: {output} is listed but {compute.__name__} does not produce it"
+            return got[output]
+    raise AssertionError(f"{case.name}: no check computes the listed output {output!r}")
+
+
+@pytest.mark.parametrize("file_name", FILES)
+@pytest.mark.parametrize("case, output", output_params("dynamicrafter"))
+def test_every_listed_output_matches_upstream(case, output, file_name):
+    """Each output every case lists (outputs, depths, DDIM runs and settings all read from the case)."""
+    meta, _, expected = load_case(case)
+    assert_close(ours(case, file_name, output), expected[output], meta["tolerance"], f"{case.name}: {output}")
 
 
 def _keys_dir():
@@ -426,13 +414,3 @@ def test_unet_remat_equals_plain():
     out2, grad2 = run(UNetModel(dataclasses.replace(cfg, remat=True)))
     np.testing.assert_allclose(out2, out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(grad2, grad, atol=1e-5, rtol=1e-5)
-
-
-@needs_case
-def test_every_listed_output_of_every_case_is_checked():
-    """A new output in a case.json must get a check here (the tests above are parametrized by name)."""
-    covered = {*VAE_OUTPUTS, *CONDITIONING_OUTPUTS, *UNET_OUTPUTS, "ddim.x0", "ddim.steps3.x0",
-               "diffusion.z0", "diffusion.x_start", "diffusion.x_t", "diffusion.target"}
-    for case in CASES:
-        meta, _, _ = load_case(case)
-        assert set(meta["outputs"]) <= covered, f"{case.name}: unchecked outputs {sorted(set(meta['outputs']) - covered)}"

@@ -57,13 +57,35 @@ def test_missing_layers_are_named():
 
 
 def test_sds_surrogate_gradient_is_the_residual():
-    pred = jnp.asarray([1.0, 2.0, 3.0, 5.0])
-    target = jnp.asarray([0.5, 2.0, 1.0, 6.0])
-    latents = jnp.asarray([0.1, 0.2, 0.3, 0.4])
-    g_lat = jax.grad(lambda z: losses.sds_surrogate(pred, target, z))(latents)
-    np.testing.assert_allclose(g_lat, (pred - target) / 4, rtol=1e-6)
-    g_pred = jax.grad(lambda p: losses.sds_surrogate(p, target, latents))(pred)
-    np.testing.assert_array_equal(g_pred, 0.0)  # no gradient through the denoiser
+    rng = np.random.default_rng(0)
+    residual = jnp.asarray(rng.normal(size=(3, 8, 8, 4)), jnp.float32)  # (F, h, w, C)
+    latents = jnp.asarray(rng.normal(size=(3, 8, 8, 4)), jnp.float32)
+    g_lat = jax.grad(lambda z: losses.sds_surrogate(residual, z))(latents)
+    # Per-frame sums rescaled to SD's 64x64x4 latent, averaged over the 3 frames.
+    np.testing.assert_allclose(g_lat, residual * (64 * 64 * 4 / (8 * 8 * 4)) / 3, rtol=1e-6)
+    g_res = jax.grad(lambda r: losses.sds_surrogate(r, latents))(residual)
+    np.testing.assert_array_equal(g_res, 0.0)  # no gradient through the denoiser
+    # At SD's own size it is Diff-Protect's z.backward(gradient=residual): the plain sum.
+    one = jnp.asarray(rng.normal(size=(1, 64, 64, 4)), jnp.float32)
+    z = jnp.asarray(rng.normal(size=(1, 64, 64, 4)), jnp.float32)
+    np.testing.assert_allclose(losses.sds_surrogate(one, z), jnp.sum(one * z), rtol=1e-5)
+
+
+def test_texture_sum_is_mists_sum_at_sd_size_and_rescaled_beyond():
+    rng = np.random.default_rng(1)
+    a, b = (jnp.asarray(rng.normal(size=(64, 64, 4)), jnp.float32) for _ in range(2))
+    np.testing.assert_allclose(losses.texture_sum(a, b), jnp.sum((a - b) ** 2), rtol=1e-5)
+    big_a, big_b = jnp.tile(a, (2, 1, 1)), jnp.tile(b, (2, 1, 1))  # twice the elements, same per-element error
+    np.testing.assert_allclose(losses.texture_sum(big_a, big_b), losses.texture_sum(a, b), rtol=1e-5)
+
+
+def test_cosine_distance():
+    a = jnp.asarray([1.0, 0.0, 0.0])
+    assert float(losses.cosine_distance(a, 3 * a)) == pytest.approx(0.0, abs=1e-7)
+    assert float(losses.cosine_distance(a, jnp.asarray([0.0, 2.0, 0.0]))) == pytest.approx(1.0)
+    assert float(losses.cosine_distance(a, -a)) == pytest.approx(2.0)
+    tilted = jnp.asarray([1.0, 1e-4, 0.0])  # 1 - cos = 5e-9: below float32's resolution of 1 - dot
+    assert float(losses.cosine_distance(a, tilted)) == pytest.approx(5e-9, rel=1e-3)
 
 
 def test_weighted_total_signs_and_scales():

@@ -53,8 +53,9 @@ def opensora_outputs(case) -> dict[str, np.ndarray]:
 
     # Training-style loss with the given t (no transform), as RFLOW.training_losses.
     x0, eps, x_mask = tr(inp["video_latents"]), tr(inp["noise"]), np.asarray(inp["x_mask"])
-    t = float(inp["t"][0])
-    x_t = np.where(x_mask[:, :, None, None, None], rflow.add_noise(x0, eps, t), x0)
+    t = np.asarray(inp["t"], np.float32)  # one timestep per sample
+    noised = np.stack([rflow.add_noise(x0[i], eps[i], t[i]) for i in range(len(x0))])
+    x_t = np.where(x_mask[:, :, None, None, None], noised, x0)
     out["stdit3.x_t"] = back(x_t)
     names = ("x_embedder", "t_embedder", "t0_embedder", "fps_embedder", "t_block", "t0_block", "y_embedder")
     blocks = tuple(f"{kind}.{i}" for i in range(config.stdit.depth) for kind in ("spatial", "temporal"))
@@ -73,17 +74,23 @@ def opensora_outputs(case) -> dict[str, np.ndarray]:
     out["loss"] = np.asarray(losses)
     out["loss.batch_mean"] = np.asarray(np.mean(losses))
 
-    # The sampler, sample by sample (the batch only shares the pos-emb scale, equal here).
-    bb = OpenSoraBackbone(name=case.name, config=config, params=params)
-    steps = meta["details"]["sampler"]["num_sampling_steps"] if "sampler" in meta.get("details", {}) else 5
-    ts = rflow.sampling_timesteps(steps, h, w, config.num_frames)
-    out["rflow.timesteps"] = np.repeat(ts[:, None], len(x0), axis=1)
+    # The sampler, sample by sample, each with its own fps and size (STDiT3's pos-emb scale comes from the
+    # batch's first sample upstream; one sample per call here, so the sizes must agree, as they do when the
+    # latents share a shape). Steps and guidance from the case's settings.
+    settings = meta.get("settings", {}).get("rflow", {})
+    steps, cfg_scale = int(settings.get("num_sampling_steps", 30)), float(settings.get("cfg_scale", 7.0))
+    per_sample = [dataclasses.replace(config, fps=float(inp["fps"][i]), height=int(inp["height"][i]),
+                                      width=int(inp["width"][i])) for i in range(len(x0))]
+    assert all((c.height, c.width) == (h, w) for c in per_sample), "samples of one batch differ in size"
+    out["rflow.timesteps"] = np.stack([rflow.sampling_timesteps(steps, c.height, c.width, c.num_frames)
+                                       for c in per_sample], axis=1)
     out["rflow.mask"] = np.where(np.arange(x0.shape[1]) == 0, 0.0, 1.0)[None].repeat(len(x0), 0)
     out["rflow.null_y"] = np.asarray(params["stdit"]["y_embedder"]["y_embedding"])[None, None].repeat(len(x0), 0)
     out["rflow.z_init"] = back(np.asarray(jnp.asarray(eps).at[:, 0].set(np.asarray(z)[:, 0])))
     for key, stop in (("rflow.z_after_2_steps", 2), ("rflow.z_final", None)):
-        zs = [sample(bb, params, jnp.asarray(z[i]), jnp.asarray(inp["y"][i, 0]), jnp.asarray(inp["mask"][i] > 0),
-                     jnp.asarray(eps[i]), num_steps=steps, guidance_scale=7.0, stop_after=stop) for i in range(len(x0))]
+        zs = [sample(OpenSoraBackbone(name=case.name, config=per_sample[i], params=params), params, jnp.asarray(z[i]),
+                     jnp.asarray(inp["y"][i, 0]), jnp.asarray(inp["mask"][i] > 0), jnp.asarray(eps[i]),
+                     num_steps=steps, guidance_scale=cfg_scale, stop_after=stop) for i in range(len(x0))]
         out[key] = back(np.stack(zs))
     return out
 

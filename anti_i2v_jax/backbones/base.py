@@ -15,6 +15,10 @@ Conventions every adapter follows:
   the adapter was given a reference video) and noises them at a sampled timestep;
 * ``denoise`` runs the denoiser on a :class:`Noisy` sample and returns its prediction in the backbone's own
   parameterisation (eps, v or velocity) together with the requested block taps;
+* ``eps_residual`` converts a prediction to ``eps_hat - eps`` (eps: itself; v: ``sqrt(a_t) (v_hat - v)``;
+  rectified flow: ``-(1 - t/T) (v_hat - v)``), so score distillation has one sign on every backbone;
+* an adapter may expose ``image_embedding(params, x)``, a global image embedding (DynamiCrafter's OpenCLIP
+  image tower) for the CLIP terms of VGMShield and of Anti-I2V's auxiliary loss;
 * an adapter may expose ``attack_params``, the subset (or re-layout) of its parameters a protection step
   needs; the attack then holds only those and passes them to every method.
 """
@@ -28,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Any
 Taps = dict[int | str, jax.Array]
@@ -90,6 +95,11 @@ class Backbone(Protocol):
 
     def diffusion_loss(self, prediction: jax.Array, noisy: Noisy) -> jax.Array:
         """The backbone's own training loss for ``prediction`` (a float32 scalar)."""
+        ...
+
+    def eps_residual(self, prediction: jax.Array, noisy: Noisy) -> jax.Array:
+        """``eps_hat - eps`` in the backbone's noise space, shaped like ``noisy.x0``, zero on conditioning
+        frames (score distillation): the prediction converted from the backbone's own parameterisation."""
         ...
 
 
@@ -159,6 +169,15 @@ class AdapterDefaults:
             object.__setattr__(self, "layers", self.default_layers(self.config))
         if not self.min_input_side:
             object.__setattr__(self, "min_input_side", default_min_input_side(self.model_size))
+
+
+def resample_frames(video: np.ndarray, n: int) -> np.ndarray:
+    """``n`` frames of ``video`` (T, ...) at evenly spaced indices from the first to the last (repeats when
+    ``T < n``): how a reference clip of any length becomes a model's frame count."""
+    t = len(video)
+    if t < 1:
+        raise ValueError("a reference video needs at least one frame")
+    return np.asarray(video)[np.rint(np.linspace(0, t - 1, n)).astype(int)]
 
 
 def default_min_input_side(model_size: tuple[int, int]) -> int:

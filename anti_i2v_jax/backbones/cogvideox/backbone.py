@@ -29,6 +29,7 @@ from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
     LayerDefaults,
     Noisy,
+    resample_frames,
 )
 from anti_i2v_jax.backbones.cogvideox import scheduler
 from anti_i2v_jax.backbones.cogvideox.config import CogVideoXConfig
@@ -133,7 +134,9 @@ class CogVideoXBackbone(AdapterDefaults):
         f = self.latent_shape[0]
         cond = {"image_latents": jnp.concatenate([image, jnp.zeros((f - 1, *image.shape[1:]), image.dtype)], 0)}
         if self.reference_latents is not None:
-            cond["video_latents"] = jnp.asarray(self.reference_latents)
+            # "replace_first": latent frame 0 (the causal VAE's encoding of pixel frame 0 alone) is the image's
+            # own latent, so the image still reaches the video latents (the SDS baseline needs it).
+            cond["video_latents"] = jnp.asarray(self.reference_latents).at[0].set(z[0] * vae.scaling_factor)
         else:
             cond["video_latents"] = jnp.repeat(z * vae.scaling_factor, f, axis=0)
         if "latent" in vae_layers:
@@ -158,6 +161,12 @@ class CogVideoXBackbone(AdapterDefaults):
 
     def diffusion_loss(self, prediction, noisy) -> jax.Array:
         return jnp.mean(jnp.square(prediction.astype(jnp.float32) - noisy.target.astype(jnp.float32)))
+
+    def eps_residual(self, prediction, noisy) -> jax.Array:
+        """v-prediction: ``eps = sqrt(a_t) v + sqrt(1 - a_t) z_t``, so ``eps_hat - eps = sqrt(a_t) (v_hat - v)``.
+        Every latent frame is generated (the image enters through the channel-concatenated condition)."""
+        sa = jnp.sqrt(jnp.asarray(scheduler.alphas_cumprod(self.config.scheduler), jnp.float32)[noisy.t])
+        return sa * (prediction.astype(jnp.float32) - noisy.target.astype(jnp.float32))
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -208,9 +217,11 @@ class CogVideoXBackbone(AdapterDefaults):
         return decode_latents(self, self.params, latents[extra:])
 
     def with_reference_video(self, params, video: np.ndarray) -> CogVideoXBackbone:
-        """A copy whose clean video latents come from ``video`` ((T, H, W, 3) in [0, 1], T = num_frames)."""
+        """A copy whose clean video latents come from ``video`` ((T, H, W, 3) in [0, 1], any T and size: resampled
+        to ``num_frames`` and resized/cropped like the image). Latent frame 0 stays the image's own latent."""
         vae = self.config.vae
-        frames = np.stack([np.asarray(self.preprocess(jnp.asarray(f))) for f in video])
+        video = resample_frames(video, self.config.num_frames)
+        frames = np.stack([np.asarray(self.preprocess(jnp.asarray(f, jnp.float32))) for f in video])
         model = AutoencoderKLCogVideoX(vae)
         mean, _ = jax.jit(lambda p, v: model.apply({"params": p}, v, method=model.encode))(params["vae"], frames[None])
         latents = np.asarray(mean[0]) * vae.scaling_factor

@@ -10,7 +10,7 @@ dynamic rescale of x0 where the model uses it; the clean video latents are the i
 
 Layers (documented choices, configurable through ``AttackConfig``): "layer i" indexes the U-Net's blocks in
 order ``input_blocks.0 .. input_blocks.N-1, middle_block, output_blocks.0 .. output_blocks.M-1``. IRC pulls
-the last 3 output blocks onto ``input_blocks.2`` (512/1024: both 320 wide at full resolution; method.md's
+the last 3 output blocks onto ``input_blocks.2`` (512/1024: both 320 wide at full resolution; the usual choice
 ``input_blocks[3]`` is the first downsample, whose features have another shape); IRA uses the middle block and every output
 block (the decoder half, where semantics are assembled); the VAE IRA term uses each encoder down block and
 the posterior moments.
@@ -31,6 +31,7 @@ from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
     LayerDefaults,
     Noisy,
+    resample_frames,
 )
 from anti_i2v_jax.backbones.dynamicrafter import diffusion as dm
 from anti_i2v_jax.backbones.dynamicrafter.config import DynamiCrafterConfig
@@ -91,6 +92,7 @@ class DynamiCrafterBackbone(AdapterDefaults):
     params: Any  # {"unet", "vae", "clip_image", "clip_text", "resampler"}
     tokenizer: Any = None
     fs: int | None = None  # fps (512/1024) or frame stride (256); None: the U-Net's default_fs
+    reference_latents: np.ndarray | None = None  # (T, h, w, 4) clean video latents; None: the image repeated
     min_input_side: int = 0
     layers: LayerDefaults = None  # type: ignore[assignment]
     precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
@@ -139,7 +141,8 @@ class DynamiCrafterBackbone(AdapterDefaults):
         if "latent" in vae_layers:
             out["latent"] = z
         video = jnp.repeat(z[None], cfg.frames, axis=0)  # (T, h, w, 4)
-        return {"c_concat": video, "video_latents": video, "image_tokens": self.image_tokens(params, img)}, out
+        clean = video if self.reference_latents is None else jnp.asarray(self.reference_latents).at[0].set(z)
+        return {"c_concat": video, "video_latents": clean, "image_tokens": self.image_tokens(params, img)}, out
 
     def add_noise(self, params, cond, key) -> Noisy:
         k_t, k_eps = jax.random.split(key)
@@ -157,6 +160,24 @@ class DynamiCrafterBackbone(AdapterDefaults):
     def diffusion_loss(self, prediction, noisy):
         return jnp.mean(jnp.square(prediction.astype(jnp.float32) - noisy.target.astype(jnp.float32)))
 
+    def eps_residual(self, prediction, noisy) -> jax.Array:
+        """eps-parameterised (256): the residual itself; v (512/1024): ``eps = sqrt(a_t) v + sqrt(1 - a_t) z_t``,
+        so ``eps_hat - eps = sqrt(a_t) (v_hat - v)``. No frame is a conditioning frame (the image enters
+        through ``c_concat`` and the image tokens)."""
+        r = prediction.astype(jnp.float32) - noisy.target.astype(jnp.float32)
+        if self.config.diffusion.parameterization == "eps":
+            return r
+        return jnp.asarray(self.tables["sqrt_alphas_cumprod"])[noisy.t] * r
+
+    def image_embedding(self, params, x) -> jax.Array:
+        """The OpenCLIP ViT-H class token of ``x`` ((H, W, 3) in [0, 1]) after the last block: a (width,)
+        global embedding. DynamiCrafter's checkpoint drops ``ln_post`` and ``proj``, so this is the token
+        they would normalise and project (cosine distances differ slightly from the projected embedding's)."""
+        img = self.preprocess(x)
+        tokens = VisionTower(self.config.vision).apply({"params": self.cast(params["clip_image"])},
+                                                       self.cast(clip_preprocess(img[None])))
+        return tokens[0, 0].astype(jnp.float32)
+
     def unet_apply(self, params, z_t, c_concat, t, context, taps: Sequence[int] = ()):
         """Batched U-Net: (B, T, h, w, 4) x2 -> output and {layer index: block output (B*T, h', w', C)}."""
         names = unet_block_names(self.config)
@@ -166,6 +187,16 @@ class DynamiCrafterBackbone(AdapterDefaults):
                                  t, self.cast(context), fs, mutable=["intermediates"])
         inter = state.get("intermediates", {})
         return out.astype(jnp.float32), {i: inter[f"tap:{names[i]}"][0] for i in taps}
+
+    def with_reference_video(self, params, video: np.ndarray) -> DynamiCrafterBackbone:
+        """A copy whose clean video latents come from ``video`` ((T, H, W, 3) in [0, 1], any T and size: resampled
+        to the model's frames, resized/cropped like the image, posterior means). Frame 0 stays the image's latent."""
+        cfg = self.config
+        video = resample_frames(video, cfg.frames)
+        frames = jnp.stack([self.preprocess(jnp.asarray(f, jnp.float32)) for f in video])
+        vae = AutoencoderKL(cfg.vae)
+        mean, _ = jax.jit(lambda p, v: vae.apply({"params": p}, v, method=vae.encode))(params["vae"], frames)
+        return dataclasses.replace(self, reference_latents=np.asarray(mean, np.float32) * cfg.diffusion.scale_factor)
 
     def generate(self, image, prompt, *, negative_prompt="", num_inference_steps=50, guidance_scale=None, seed=0):
         """I2V as the DynamiCrafter inference script (DDIM, eta 0, CFG with the empty prompt and a grey image)."""

@@ -27,6 +27,7 @@ from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
     LayerDefaults,
     Noisy,
+    resample_frames,
 )
 from anti_i2v_jax.backbones.opensora import rflow
 from anti_i2v_jax.backbones.opensora.stdit3 import STDiT3, STDiT3Config
@@ -41,8 +42,8 @@ class OpenSoraConfig:
 
     stdit: STDiT3Config
     vae: VideoVAEConfig
-    num_frames: int = 51  # pixel frames (method.md: 51 frames)
-    height: int = 480  # method.md: 480p; the repository's default is 240p
+    num_frames: int = 51  # pixel frames (the paper's setting: 51 frames)
+    height: int = 480  # the paper's setting: 480p; the repository's default is 240p
     width: int = 848
     fps: float = 24.0
 
@@ -157,6 +158,14 @@ class OpenSoraBackbone(AdapterDefaults):
     def diffusion_loss(self, prediction, noisy):
         return rflow.masked_loss(prediction, noisy.target, self.x_mask)
 
+    def eps_residual(self, prediction, noisy) -> jax.Array:
+        """Rectified flow: ``z_t = s x0 + (1 - s) eps`` with ``s = 1 - t/1000`` and ``v = x0 - eps``, so
+        ``eps = z_t - s v`` and ``eps_hat - eps = -s (v_hat - v)``: a *negative* multiple of the velocity residual.
+        Frame 0 (the conditioning frame, never noised) is zero."""
+        s = 1.0 - jnp.asarray(noisy.t, jnp.float32) / rflow.NUM_TIMESTEPS
+        r = -s * (prediction.astype(jnp.float32) - noisy.target.astype(jnp.float32))
+        return jnp.where(jnp.asarray(self.x_mask)[:, None, None, None], r, 0.0)
+
     def stdit_apply(self, params, z, t, y, y_mask, x_mask, *, taps: Sequence[int] = ()):
         """Batched STDiT3 call: velocity (B, T, h, w, 4) and {pair i: temporal block i output (B, N, C)}."""
         cfg = self.config
@@ -168,6 +177,19 @@ class OpenSoraBackbone(AdapterDefaults):
         )
         inter = state.get("intermediates", {})
         return out[..., : cfg.stdit.in_channels].astype(jnp.float32), {i: inter[f"tap:temporal.{i}"][0] for i in taps}
+
+    def with_reference_video(self, params, video: np.ndarray) -> OpenSoraBackbone:
+        """A copy whose clean video latents come from ``video`` ((T, H, W, 3) in [0, 1], any T and size: resampled
+        to ``num_frames``, resized/cropped like the image, posterior means). Frame 0 stays the image's latent."""
+        video = resample_frames(video, self.config.num_frames)
+        frames = jnp.stack([self.preprocess(jnp.asarray(f, jnp.float32)) for f in video])
+        vae = VideoAutoencoder(self.config.vae)
+        z = jax.jit(lambda p, v: vae.apply({"params": p}, v, None, method=vae.encode))(params["vae"], frames[None])[0]
+        latents = np.asarray(z, np.float32)
+        if latents.shape[0] != self.config.latent_frames:
+            raise ValueError(f"reference video gives {latents.shape[0]} latent frames, the model needs "
+                             f"{self.config.latent_frames}")
+        return dataclasses.replace(self, reference_latents=latents)
 
     def generate(self, image, prompt, *, negative_prompt=None, num_inference_steps=30, guidance_scale=7.0, seed=0):
         """I2V with mask strategy "0" (frame 0 = the image latent) and CFG against the learned null caption."""
