@@ -235,10 +235,10 @@ def unet_outputs(case, file_name) -> dict[str, np.ndarray]:
     params, _ = convert(source, UNET_RULES, abstract)
     out, state = model.apply({"params": params}, x, inp["t"], context, inp["fs"], mutable=["intermediates"])
     result = {"unet.out": np.asarray(out).transpose(0, 4, 1, 2, 3)}
-    upstream_name = {ours: theirs for theirs, ours in UNET_ALIASES.items()}
-    for t in taps:
-        v = np.asarray(state["intermediates"][f"tap:{t}"][0])
-        result[f"unet.{upstream_name.get(t, t)}"] = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v
+    for name in meta["outputs"]:  # keyed by the case's own names (either spelling of an aliased module)
+        if name.startswith("unet.") and name != "unet.out":
+            v = np.asarray(state["intermediates"][f"tap:{UNET_ALIASES.get(name[5:], name[5:])}"][0])
+            result[name] = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v
     result["loss"] = np.asarray(np.mean((result["unet.out"] - expected["diffusion.target"]) ** 2))
     return result
 
@@ -302,8 +302,22 @@ def ours(case, file_name, output) -> np.ndarray:
     raise AssertionError(f"{case.name}: no check computes the listed output {output!r}")
 
 
-@pytest.mark.parametrize("file_name", FILES)
-@pytest.mark.parametrize("case, output", output_params("dynamicrafter"))
+def _case_file_params():
+    """(case, output, checkpoint file) for every listed output and every checkpoint file the case has."""
+    out = []
+    for param in output_params("dynamicrafter"):
+        case, output = param.values
+        if case is None:
+            return [pytest.param(None, None, None, id=param.id, marks=param.marks)]
+        for f in FILES:
+            name = f.values[0] if hasattr(f, "values") else f
+            if (case / name).exists():
+                out.append(pytest.param(case, output, name, id=f"{param.id}:{name}",
+                                        marks=getattr(f, "marks", ())))
+    return out
+
+
+@pytest.mark.parametrize("case, output, file_name", _case_file_params())
 def test_every_listed_output_matches_upstream(case, output, file_name):
     """Each output every case lists (outputs, depths, DDIM runs and settings all read from the case)."""
     meta, _, expected = load_case(case)
@@ -341,11 +355,15 @@ def test_convert_then_load_round_trips(tmp_path, capsys):
     from weights_convert import __main__ as convert_main
     from weights_convert import dynamicrafter as conv
 
-    case = CASES[0]
-    assert convert_main.main(["dynamicrafter", "--src", str(case / "model.ckpt"), "--config", str(case / "config.yaml"),
-                              "--dst", str(tmp_path / "out"), "--dtype", "float32"]) == 0
-    backbone = load_converted(tmp_path / "out", "dynamicrafter-512")
-    _, direct, _ = conv.load(case / "model.safetensors", case / "config.yaml")
+    for case in [c for c in CASES if (c / "model.ckpt").exists()]:  # the .ckpt through the CLI, vs a direct load
+        capsys.readouterr()
+        out = tmp_path / case.name
+        assert convert_main.main(["dynamicrafter", "--src", str(case / "model.ckpt"), "--config",
+                                  str(case / "config.yaml"), "--dst", str(out), "--dtype", "float32"]) == 0
+        _round_trip_equals(load_converted(out, "dynamicrafter-512"), conv.load(case / "model.ckpt", case / "config.yaml")[1])
+
+
+def _round_trip_equals(backbone, direct):
     for a, b in zip(jax.tree.leaves(backbone.params), jax.tree.leaves(direct)):
         np.testing.assert_array_equal(np.asarray(a), b)
     # no tokenizer was converted: the prompt path refuses clearly
