@@ -419,14 +419,11 @@ def describe(style: str, config: dict, inp: dict, out: dict, settings: dict, vis
     base = p.get("base_scale", 0.7)
     B, _, T, lh, lw = inp["noise"].shape
     H, W = inp["image"].shape[2:]
-    t, fs = int(inp["t"][0]), int(inp["fs"][0])
+    t = int(inp["t"][0])
     shp = lambda k: str(list(out[k].shape))  # noqa: E731
     vl = arch["vision_cfg"]["layers"]
     tl = arch["text_cfg"]["layers"]
     nlev = len(dd["ch_mult"])
-    fs_kind = p.get("fps_condition_type", "fs")
-    fs_word = "frame stride (fps_condition_type 'fs', the upstream default; 256 style)" if fs_kind == "fs" else \
-        f"fps (fps_condition_type 'fps', {style} style)"
     ae = "frame by frame (perframe_ae True)" if perframe else "all B*T frames in one batch (perframe_ae False)"
     outputs = {
         "vae.posterior_mean": f"{shp('vae.posterior_mean')}: first_stage_model.encode(image) -> DiagonalGaussianDistribution; its .mean (first 4 channels of quant_conv(encoder(x))). This is posterior.mode().",
@@ -603,7 +600,6 @@ def generate(args) -> None:
     v = p.get("parameterization", "eps") == "v"
     B, C, T, lh, lw = inp["noise"].shape
     H, W = inp["image"].shape[2:]
-    unet = model.model.diffusion_model
     heads = []
     ds = 1
     for lvl, m in enumerate(up["channel_mult"]):
