@@ -139,7 +139,7 @@ class AttackConfig:
     prompt: str = "a video"  # used when no per-image prompt is given; a caption of the image is better
     seed: int = 0
     chunk_size: int = 10  # steps per jitted lax.scan chunk (progress, finiteness checks, checkpoints)
-    checkpoint_every: int = 50  # steps between orbax saves when a checkpoint folder is given
+    checkpoint_every: int = 50  # a save at the first chunk end at or past each multiple of this (with a folder)
 
     def __post_init__(self) -> None:
         problems = []
@@ -149,11 +149,8 @@ class AttackConfig:
             problems.append(f"steps must be >= 0, got {self.steps}")
         if self.chunk_size < 1:
             problems.append(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.checkpoint_every < 1 or self.checkpoint_every % self.chunk_size:
-            problems.append(
-                f"checkpoint_every ({self.checkpoint_every}) must be a positive multiple of "
-                f"chunk_size ({self.chunk_size})"
-            )
+        if self.checkpoint_every < 1:
+            problems.append(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         unknown = [name for name, _ in self.weights if name not in TERMS]
         if unknown:
             problems.append(f"unknown loss terms {unknown}; known: {sorted(TERMS)}")
@@ -172,7 +169,7 @@ class AttackConfig:
         except ValueError as e:
             problems.append(str(e))
         if problems:
-            raise UserError("invalid AttackConfig: " + "; ".join(problems))
+            raise UserError("invalid settings: " + "; ".join(problems))
 
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> AttackConfig:
@@ -591,6 +588,7 @@ class Protector:
         # when the backbone says so (``attack_params``, e.g. no VAE decoder).
         self._params = jax.device_put(getattr(backbone, "attack_params", backbone.params))
         self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
+        self._ran: set[tuple] = set()  # (size, mode, devices) already run once: compiled
         self._texts: dict[str, Any] = {}
 
     def _fns(self, image_size: tuple[int, int], mode: Mode, n_devices: int):
@@ -680,6 +678,11 @@ class Protector:
             desc=f"protect x{len(images)} [{self.backbone.name}]",
             unit="step",
         )
+        if progress and resumed_from:
+            bar.write(f"resuming from step {resumed_from}")
+        if progress and (images[0].shape[:2], mode, n_dev) not in self._ran:
+            bar.set_postfix_str("compiling...", refresh=True)  # the first chunk includes XLA's compile
+        self._ran.add((images[0].shape[:2], mode, n_dev))
         try:
             step = resumed_from
             while step < config.steps:
@@ -691,9 +694,10 @@ class Protector:
                 rows = np.concatenate([record["values"][:, :n], record["total"][:, :n, None]], axis=-1)
                 history = np.concatenate([history, rows], axis=1)
                 step += n
-                bar.update(n)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in zip(names, history[0, -1])}, refresh=False)
-                if ckpt and (step % config.checkpoint_every == 0 or step == config.steps):
+                bar.update(n)  # draws the values of the chunk just finished
+                crossed = step // config.checkpoint_every > (step - n) // config.checkpoint_every
+                if ckpt and (crossed or step == config.steps):
                     ckpt.save(step, state, history)
                 if callback is not None:
                     callback(step, _history_dict(names, history))

@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fps", type=int, default=8)
-    g.add_argument("--out", type=Path, default=Path("generated"))
+    g.add_argument("--out", type=Path, default=Path("generated"),
+                   help="output folder; the files go to OUT/BACKBONE/ (default ./generated)")
     _add_execution_options(g)
 
     sub.add_parser("backbones", help="list the registered backbones")
@@ -124,6 +125,9 @@ def _backbones() -> int:
 def _generate(args: argparse.Namespace) -> int:
     from anti_i2v_jax import io
 
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    _check_out_folder(args.out)
     image = io.load_image(args.image)
     backbone = _load_backbone(args)
     if not hasattr(backbone, "generate"):
@@ -132,7 +136,7 @@ def _generate(args: argparse.Namespace) -> int:
         image, args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance, seed=args.seed,
     )
-    stem = args.out / args.image.stem
+    stem = args.out / args.backbone / args.image.stem  # one folder per backbone: runs never overwrite each other
     gif = io.save_video(f"{stem}_video.gif", frames, fps=args.fps, protect=[args.image])
     grid = io.save_image(f"{stem}_frames.png", io.frame_grid(frames), protect=[args.image])
     print(f"{args.image} -> {gif}, {grid}  ({len(frames)} frames, {backbone.name})")
@@ -145,6 +149,7 @@ def _protect(args: argparse.Namespace) -> int:
     from anti_i2v_jax import io
     from anti_i2v_jax.attack import AttackConfig, Protector, check_image
 
+    _check_protect_args(args)
     overrides = dict(
         eps=args.eps / 255.0,
         steps=args.steps,
@@ -170,7 +175,16 @@ def _protect(args: argparse.Namespace) -> int:
         for suffix in ("_protected.png", "_report.json", "_loss.png"):
             if (args.out / f"{name}{suffix}").resolve() in inputs:
                 raise UserError(f"output {args.out / (name + suffix)} would overwrite an input; choose another --out")
-    images = [io.load_image(p, max_side=args.max_side) for p in args.inputs]  # fail before any compute
+    originals = [io.load_image(p) for p in args.inputs]  # fail before any compute
+    images = [io.fit_max_side(im, args.max_side) for im in originals]
+    for path, before, im in zip(args.inputs, originals, images):
+        if im.shape != before.shape:
+            print(f"note: {path}: downscaled from {before.shape[1]}x{before.shape[0]} to {im.shape[1]}x{im.shape[0]} "
+                  f"(--max-side {args.max_side}); the protected image has the smaller size", file=sys.stderr)
+        if io.has_alpha(path):
+            print(f"note: {path}: its transparency is flattened on white; the protected PNG is opaque RGB",
+                  file=sys.stderr)
+    args.input_sizes = [list(im.shape[:2]) for im in originals]
     target = io.load_image(args.target) if args.target else None
 
     backbone = _load_backbone(args)
@@ -178,7 +192,8 @@ def _protect(args: argparse.Namespace) -> int:
         try:
             check_image(im, backbone)
         except UserError as e:
-            raise UserError(f"{path}: {e}") from None
+            after = f" after --max-side {args.max_side}" if args.max_side and max(im.shape[:2]) == args.max_side else ""
+            raise UserError(f"{path}{after}: {e}" + ("; raise --max-side" if after else "")) from None
     reference = args.reference_video or args.reference
     if reference is not None:
         if not hasattr(backbone, "with_reference_video"):
@@ -222,6 +237,39 @@ def _protect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _uses_target(config) -> bool:
+    return bool({"ira", "ira_vae", "texture", "texture_mean"} & set(config.term_names)) or (
+        config.vgm_directed and bool({"vgm_vae", "vgm_clip"} & set(config.term_names)))
+
+
+def _frames(backbone):
+    c = getattr(backbone, "config", None)
+    return getattr(c, "num_frames", None) or getattr(c, "frames", None)
+
+
+def _check_protect_args(args: argparse.Namespace) -> None:
+    """The CLI's own settings, checked in the CLI's words before anything is loaded."""
+    if not 1.0 <= args.eps <= 255.0:
+        raise UserError(f"--eps is in 8-bit levels and must be in [1, 255], got {args.eps:g}"
+                        + ("; below one level the saved 8-bit image cannot change" if 0 < args.eps < 1 else ""))
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps} (0 steps would save the input unchanged)")
+    if args.chunk_size < 1:
+        raise UserError(f"--chunk-size must be at least 1, got {args.chunk_size}")
+    if args.checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    _check_out_folder(args.out)
+
+
+def _check_out_folder(out: Path) -> None:
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == out else f"is under the file {parent}"
+                raise UserError(f"--out {out} {what}; choose a folder")
+            return
+
+
 def _write_outputs(args, protector, backbone_name, src: Path, original, result, protected_paths) -> None:
     import math
 
@@ -231,6 +279,10 @@ def _write_outputs(args, protector, backbone_name, src: Path, original, result, 
 
     stem = args.out / src.stem
     image_path = io.save_image(f"{stem}_protected.png", result.image, protect=protected_paths)
+    import dataclasses
+
+    from anti_i2v_jax.attack import _Layers
+
     config = protector.config
     change = metrics.linf(result.image, original)
     psnr = metrics.psnr(result.image, original)
@@ -245,7 +297,13 @@ def _write_outputs(args, protector, backbone_name, src: Path, original, result, 
         "remat": args.remat,
         "method": config.method,
         "prompt": config.prompt,
-        "target": str(args.target) if args.target else f"procedural texture (seed {config.target_seed})",
+        "target": (str(args.target) if args.target else f"procedural texture (seed {config.target_seed})")
+        if _uses_target(config) else None,
+        "layers": dataclasses.asdict(_Layers.resolve(protector.backbone, config)),
+        "model_size": list(protector.backbone.model_size),
+        "frames": _frames(protector.backbone),
+        "max_side": args.max_side,
+        "input_size": args.input_sizes[args.inputs.index(src)],
         "reference_video": reference,
         "terms_off": protector.term_notes,
         "settings": config.to_dict(),
@@ -269,6 +327,7 @@ def _write_outputs(args, protector, backbone_name, src: Path, original, result, 
 
 def _plot_losses(path: Path, history, title: str, protected_paths) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -278,9 +337,16 @@ def _plot_losses(path: Path, history, title: str, protected_paths) -> None:
     terms = list(history)
     fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
     for ax, term in zip(axes[0], terms):
-        ax.plot(history[term], lw=1)
+        values = np.asarray(history[term], np.float64)
+        ax.plot(values, lw=0.8, alpha=0.35, label="per step")
+        k = max(1, len(values) // 20)  # terms with a random timestep are noisy step to step
+        if k > 1:
+            smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+            ax.plot(np.arange(k - 1, len(values)), smooth, lw=1.5, label=f"mean of {k}")
+            ax.legend(fontsize=7)
         ax.set_title(term)
         ax.set_xlabel("step")
+        ax.set_ylabel("loss value" if term != "total" else "weighted objective")
     fig.suptitle(title)
     fig.tight_layout()
     io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), protect=protected_paths)

@@ -62,14 +62,28 @@ def load_image(path: str | Path, *, max_side: int | None = None) -> np.ndarray:
         raise ImageError(f"{path}: cannot decode image ({e})") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: {e}") from None
-    if max_side is not None and max(rgb.shape[:2]) > max_side:
-        if max_side < 1:
-            raise UserError(f"--max-side must be positive, got {max_side}")
-        h, w = rgb.shape[:2]
-        scale = max_side / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
-    return np.ascontiguousarray(rgb)
+    return fit_max_side(np.ascontiguousarray(rgb), max_side)
+
+
+def fit_max_side(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
+    """``rgb`` downscaled (Lanczos) so that its longer side is at most ``max_side`` (unchanged when it fits)."""
+    if max_side is None or max(rgb.shape[:2]) <= max_side:
+        return rgb
+    if max_side < 1:
+        raise UserError(f"--max-side must be positive, got {max_side}")
+    h, w = rgb.shape[:2]
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.ascontiguousarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+
+
+def has_alpha(path: str | Path) -> bool:
+    """Whether the image file carries transparency (an alpha channel or a transparent palette entry)."""
+    try:
+        with Image.open(path) as img:
+            return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    except (OSError, UnidentifiedImageError):
+        return False
 
 
 def load_video(path: str | Path) -> np.ndarray:

@@ -155,3 +155,33 @@ def test_reference_video_errors_are_one_line(tmp_path, image, capsys, double_reg
                         str(tmp_path / "missing.gif"), "--out", str(tmp_path / "o"), *FAST)
     assert code == 2 and "missing.gif" in err and "no such file" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda d: ["--out", str(d / "afile")], "is a file"),
+    (lambda d: ["--out", str(d / "afile" / "sub")], "is under the file"),
+    (lambda d: ["--chunk-size", "0"], "--chunk-size must be at least 1"),
+    (lambda d: ["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+    (lambda d: ["--eps", "300"], "--eps is in 8-bit levels and must be in [1, 255], got 300"),
+    (lambda d: ["--eps", "0.5"], "below one level"),
+    (lambda d: ["--steps", "0"], "--steps must be at least 1"),
+    (lambda d: ["--schedule", "foo"], "invalid settings"),
+])
+def test_bad_settings_are_one_line_in_cli_words(tmp_path, image, capsys, make_args, message):
+    src = tmp_path / "face.png"
+    save_image(src, image)
+    (tmp_path / "afile").write_text("not a folder")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = _run(capsys, "protect", str(src), "--quiet", *(["--out", str(tmp_path / "o")]), *make_args(tmp_path))
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "AttackConfig" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing is written"
+
+
+def test_generate_steps_zero_is_one_line(tmp_path, capsys):
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"
+    code, _, err = _run(capsys, "generate", str(src), "--prompt", "x", "--steps", "0",
+                        "--out", str(tmp_path / "g"))
+    assert code == 2 and "--steps must be at least 1" in err and not (tmp_path / "g").exists()

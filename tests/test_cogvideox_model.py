@@ -119,9 +119,9 @@ def test_generate_writes_a_video_and_a_frame_grid(tmp_path, capsys):
 
     src = Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"
     assert cli.main(["generate", str(src), "--prompt", "an astronaut", "--steps", "2", "--out", str(tmp_path)]) == 0
-    gif = Image.open(tmp_path / "astronaut_video.gif")
+    gif = Image.open(tmp_path / "cogvideox-tiny" / "astronaut_video.gif")
     assert gif.n_frames == 9 and gif.size == (64, 64)
-    assert Image.open(tmp_path / "astronaut_frames.png").size == (8 * 64, 2 * 64)
+    assert Image.open(tmp_path / "cogvideox-tiny" / "astronaut_frames.png").size == (8 * 64, 2 * 64)
 
 
 def test_image_encoder_params_encode_images_exactly_and_refuse_videos():

@@ -164,7 +164,7 @@ def test_generate_on_opensora_tiny(tmp_path, capsys):
     src = Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"
     assert cli.main(["generate", str(src), "--prompt", "a person", "--backbone", "opensora-tiny", "--steps", "2",
                      "--out", str(tmp_path)]) == 0
-    assert Image.open(tmp_path / "astronaut_video.gif").size == (64, 64)
+    assert Image.open(tmp_path / "opensora-tiny" / "astronaut_video.gif").size == (64, 64)
 
 
 def test_convert_then_load_round_trips(tmp_path, capsys):

@@ -75,9 +75,12 @@ def load(name: str, weights: str | Path | None = None) -> Backbone:
     spec = get(name)
     if spec.needs_weights and weights is None:
         raise UserError(
-            f"backbone {name!r} needs converted weights: pass --weights DIR "
-            f"(made by `python -m weights_convert`)"
+            f"backbone {name!r} needs converted weights: a folder made by `python -m weights_convert` "
+            f"(CLI: --weights DIR; Python: load_backbone(name, weights))"
         )
+    if weights is not None and not spec.needs_weights:
+        raise UserError(f"backbone {name!r} is built in (fixed random weights) and takes no converted weights; "
+                        f"drop --weights, or choose a real backbone")
     if weights is not None:
         weights = Path(weights)
         if not weights.is_dir():
