@@ -433,3 +433,22 @@ def test_unet_remat_equals_plain():
     out2, grad2 = run(UNetModel(dataclasses.replace(cfg, remat=True)))
     np.testing.assert_allclose(out2, out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(grad2, grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such config file"),
+    ("model: [1, 2", "not valid YAML"),
+    ("foo: 1", "not a DynamiCrafter inference config"),
+    ("model:\n  params:\n    timesteps: 1000\n", "malformed DynamiCrafter config"),
+])
+def test_bad_config_yaml_is_one_line(tmp_path, capsys, content, message):
+    from weights_convert import __main__ as convert_main
+
+    config = tmp_path / "config.yaml"
+    if content is not None:
+        config.write_text(content)
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(b"")
+    code = convert_main.main(["dynamicrafter", "--src", str(src), "--config", str(config), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err, err  # the converter exits 1 on bad input

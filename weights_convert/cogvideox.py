@@ -49,6 +49,8 @@ MODEL_INDEX_IGNORED = frozenset({"_class_name", "_diffusers_version", "scheduler
 def read_configs(src: Path) -> tuple[CogVideoXConfig, T5Config | None]:
     """The stack's configs from a diffusers folder; unknown keys are errors."""
     src = Path(src)
+    if not src.exists():
+        raise UserError(f"{src}: does not exist")
     if not (src / "model_index.json").is_file():
         raise UserError(f"{src}: not a diffusers pipeline folder (no model_index.json)")
     index = read_json(src / "model_index.json")

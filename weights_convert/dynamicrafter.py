@@ -146,14 +146,33 @@ def checkpoint_source(src: Path):
     return SafetensorsSource(src) if src.suffix == ".safetensors" else TorchCheckpointSource(src)
 
 
+def read_yaml(path) -> dict:
+    """A DynamiCrafter config.yaml as a dict with ``model.params``, or one clear UserError."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or "params" not in raw["model"]:
+        raise UserError(f"{path}: not a DynamiCrafter inference config (expected model.params, as in "
+                        f"configs/inference_512_v1.0.yaml)")
+    return raw
+
+
 def load(src, config_yaml, *, dtype=None, dry_run: bool = False):
     """Read and check a checkpoint against its config: (config, params or None, report)."""
-    import yaml
 
     from anti_i2v_jax.backbones.dynamicrafter import abstract_params, from_yaml
     from weights_convert.core import convert
 
-    config = from_yaml(yaml.safe_load(Path(config_yaml).read_text()), str(config_yaml))
+    try:
+        config = from_yaml(read_yaml(config_yaml), str(config_yaml))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"{config_yaml}: malformed DynamiCrafter config ({type(e).__name__}: {e})") from None
     source = checkpoint_source(src)
     rules, unused = rules_for(config)
     if not dry_run:
