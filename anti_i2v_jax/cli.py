@@ -27,12 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", type=Path, help="image files")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"model to attack (default {DEFAULT_BACKBONE})")
     p.add_argument("--weights", type=Path, help="converted weights folder (python -m weights_convert)")
-    p.add_argument("--prompt", help="text prompt / caption of the image (default: the config's prompt)")
+    p.add_argument("--prompt", help='text prompt: a caption of the image (default "a video")')
     p.add_argument("--eps", type=float, default=16.0, help="L-inf budget in 8-bit levels (default 16, i.e. 16/255)")
     p.add_argument("--steps", type=int, default=200, help="optimisation steps (default 200)")
     p.add_argument("--method", default="anti-i2v", choices=sorted(METHODS), metavar="METHOD",
                    help="objective preset (default anti-i2v): " + "; ".join(f"{k}: {v}" for k, v in METHOD_NOTES.items()))
-    p.add_argument("--schedule", help="perturbation spaces: alternate, lab, dct, rgb, or a list like lab,dct")
+    p.add_argument("--schedule", help="perturbation spaces: alternate, lab, dct, rgb, or a list like lab,dct "
+                                      "(default: the method's; anti-i2v alternates lab and dct, the baselines use rgb)")
     p.add_argument("--target", type=Path, help="IRA/MIST target image (default: a seeded procedural texture)")
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--reference-video", type=Path, metavar="FILE",
@@ -43,24 +44,28 @@ def _parser() -> argparse.ArgumentParser:
                           "then use it as the reference video (the paper's protocol)")
     p.add_argument("--out", type=Path, default=Path("protected"), help="output folder (default ./protected)")
     p.add_argument("--devices", type=int, default=1, help="protect this many images at once, one per device")
-    p.add_argument("--parallel", default="shard_map", choices=["shard_map", "pmap"], help="with --devices > 1")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-side", type=int, help="downscale inputs whose longer side exceeds this")
-    p.add_argument("--chunk-size", type=int, default=10, help="steps per compiled chunk (progress granularity)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable saves")
+    p.add_argument("--parallel", default="shard_map", choices=["shard_map", "pmap"],
+                   help="with --devices > 1 (default shard_map)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random start, timesteps and noise (default 0)")
+    p.add_argument("--max-side", type=int, help="downscale inputs whose longer side exceeds this (default: no limit)")
+    p.add_argument("--chunk-size", type=int, default=10,
+                   help="steps per compiled chunk: progress and finiteness checks between chunks (default 10)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable saves (default 50)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_execution_options(p)
 
     g = sub.add_parser("generate", help="animate an image with a backbone (to check a protection)")
-    g.add_argument("image", type=Path)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    g.add_argument("--weights", type=Path)
-    g.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    g.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--fps", type=int, default=8)
+    g.add_argument("image", type=Path, help="the (protected or clean) image to animate")
+    g.add_argument("--prompt", required=True, help="what the video should show")
+    g.add_argument("--negative-prompt", default="", help='the unconditional prompt of guidance (default "")')
+    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"model to sample with (default {DEFAULT_BACKBONE})")
+    g.add_argument("--weights", type=Path, help="converted weights folder (python -m weights_convert)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: the backbone's, 50 for CogVideoX and "
+                                             "DynamiCrafter, 30 for Open-Sora)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the backbone's, 6 for "
+                                                  "CogVideoX, 7 for Open-Sora, 7.5 for DynamiCrafter)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    g.add_argument("--fps", type=int, default=8, help="frame rate of the written GIF (default 8)")
     g.add_argument("--out", type=Path, default=Path("generated"),
                    help="output folder; the files go to OUT/BACKBONE/ (default ./generated)")
     _add_execution_options(g)
@@ -125,17 +130,16 @@ def _backbones() -> int:
 def _generate(args: argparse.Namespace) -> int:
     from anti_i2v_jax import io
 
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     _check_out_folder(args.out)
     image = io.load_image(args.image)
     backbone = _load_backbone(args)
     if not hasattr(backbone, "generate"):
         raise UserError(f"backbone {args.backbone!r} cannot generate videos yet")
-    frames = backbone.generate(
-        image, args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, seed=args.seed,
-    )
+    given = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    frames = backbone.generate(image, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                               **{k: v for k, v in given.items() if v is not None})  # else the backbone's defaults
     stem = args.out / args.backbone / args.image.stem  # one folder per backbone: runs never overwrite each other
     gif = io.save_video(f"{stem}_video.gif", frames, fps=args.fps, protect=[args.image])
     grid = io.save_image(f"{stem}_frames.png", io.frame_grid(frames), protect=[args.image])
