@@ -226,6 +226,18 @@ class _Layers:
         return layers
 
 
+def _lacks(backbone: Backbone, term: str) -> bool:
+    """Whether ``term`` needs an optional adapter part (``TERM_NEEDS``) that ``backbone`` does not have."""
+    return term in TERM_NEEDS and not hasattr(backbone, TERM_NEEDS[term])
+
+
+def uses_target(config: AttackConfig) -> bool:
+    """Whether the run's terms read the target image (IRA, the texture terms, directed VGMShield)."""
+    names = set(config.term_names)
+    return bool({"ira", "ira_vae", "texture", "texture_mean"} & names) or (
+        config.vgm_directed and bool({"vgm_vae", "vgm_clip"} & names))
+
+
 def resolve_terms(backbone: Backbone, config: AttackConfig) -> tuple[AttackConfig, dict[str, str]]:
     """``config`` with the terms ``backbone`` cannot compute removed, and a note for each term left out or cut.
 
@@ -235,8 +247,7 @@ def resolve_terms(backbone: Backbone, config: AttackConfig) -> tuple[AttackConfi
     """
     keep, notes = [], {}
     for name, w in config.weights:
-        need = TERM_NEEDS.get(name)
-        if w != 0 and need is not None and not hasattr(backbone, need):
+        if w != 0 and _lacks(backbone, name):
             notes[name] = f"off: {backbone.name} has no CLIP image encoder"
             continue
         keep.append((name, w))
@@ -269,7 +280,7 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
     # The optax transformation of each space: the sign of the gradient, scaled; descent on the objective.
     optimizers = {s: optax.chain(optax.scale_by_sign(), optax.scale(-step_size[s])) for s in space_list}
 
-    missing = [f"{k} (needs {TERM_NEEDS[k]})" for k in names if k in TERM_NEEDS and not hasattr(backbone, TERM_NEEDS[k])]
+    missing = [f"{k} (needs {TERM_NEEDS[k]})" for k in names if _lacks(backbone, k)]
     if missing:
         raise UserError(f"{backbone.name} cannot compute the terms {missing}; see resolve_terms")
     need_denoiser = bool({"dm", "irc", "ira", "sds"} & set(names))
@@ -284,7 +295,7 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
         dict.fromkeys((layers.vae if "ira_vae" in names else ()) + (("latent",) if latent_terms & set(names) else ()))
     )
     vgm_on_target = config.vgm_directed and bool({"vgm_vae", "vgm_clip"} & set(names))
-    need_target = bool({"ira", "ira_vae", *latent_terms} & set(names)) or vgm_on_target
+    need_target = uses_target(config)
     need_clip = bool({"aux", "vgm_clip"} & set(names))
     noise_std = config.vgm_noise / 2.0  # [-1, 1] scale -> [0, 1] scale
 

@@ -188,7 +188,6 @@ def _protect(args: argparse.Namespace) -> int:
         if io.has_alpha(path):
             print(f"note: {path}: its transparency is flattened on white; the protected PNG is opaque RGB",
                   file=sys.stderr)
-    args.input_sizes = [list(im.shape[:2]) for im in originals]
     target = io.load_image(args.target) if args.target else None
 
     backbone = _load_backbone(args)
@@ -214,7 +213,8 @@ def _protect(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             (result,) = protector.protect([images[i]], target=target, checkpoint_dir=args.out / f"{name}.state",
                                           progress=not args.quiet)
-            _write_outputs(args, protector, backbone.name, args.inputs[i], images[i], result, protected_paths)
+            _write_outputs(args, protector, backbone.name, args.inputs[i], originals[i].shape, images[i], result,
+                           protected_paths)
         return 0
 
     protector = Protector(backbone, config)
@@ -237,13 +237,9 @@ def _protect(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
             )
             for i, result in zip(idx, results):
-                _write_outputs(args, protector, backbone.name, args.inputs[i], images[i], result, protected_paths)
+                _write_outputs(args, protector, backbone.name, args.inputs[i], originals[i].shape, images[i], result,
+                               protected_paths)
     return 0
-
-
-def _uses_target(config) -> bool:
-    return bool({"ira", "ira_vae", "texture", "texture_mean"} & set(config.term_names)) or (
-        config.vgm_directed and bool({"vgm_vae", "vgm_clip"} & set(config.term_names)))
 
 
 def _frames(backbone):
@@ -274,19 +270,17 @@ def _check_out_folder(out: Path) -> None:
             return
 
 
-def _write_outputs(args, protector, backbone_name, src: Path, original, result, protected_paths) -> None:
+def _write_outputs(args, protector, backbone_name, src: Path, input_shape, original, result, protected_paths) -> None:
+    import dataclasses
     import math
 
     import jax
 
     from anti_i2v_jax import io, metrics
+    from anti_i2v_jax.attack import _Layers, uses_target
 
     stem = args.out / src.stem
     image_path = io.save_image(f"{stem}_protected.png", result.image, protect=protected_paths)
-    import dataclasses
-
-    from anti_i2v_jax.attack import _Layers
-
     config = protector.config
     change = metrics.linf(result.image, original)
     psnr = metrics.psnr(result.image, original)
@@ -302,12 +296,12 @@ def _write_outputs(args, protector, backbone_name, src: Path, original, result, 
         "method": config.method,
         "prompt": config.prompt,
         "target": (str(args.target) if args.target else f"procedural texture (seed {config.target_seed})")
-        if _uses_target(config) else None,
+        if uses_target(config) else None,
         "layers": dataclasses.asdict(_Layers.resolve(protector.backbone, config)),
         "model_size": list(protector.backbone.model_size),
         "frames": _frames(protector.backbone),
         "max_side": args.max_side,
-        "input_size": args.input_sizes[args.inputs.index(src)],
+        "input_size": list(input_shape[:2]),
         "reference_video": reference,
         "terms_off": protector.term_notes,
         "settings": config.to_dict(),
