@@ -41,7 +41,7 @@ def output_params(backbone: str) -> list:
         outputs = json.loads((case / "case.json").read_text())["outputs"]
         params += [pytest.param(case, name, id=f"{case.name}:{name}") for name in outputs]
     if not params:
-        why = f"no {backbone} cases: set {ENV} to the fixtures root(s), e.g. {ENV}=../shared/fixtures"
+        why = f"no {backbone} cases in tests/golden; set {ENV} to further case roots (format: tests/golden/README.md)"
         params = [pytest.param(None, None, id="no-fixtures", marks=pytest.mark.skip(reason=why))]
     return params
 
