@@ -575,7 +575,10 @@ class _Checkpointer:
 
 def _fingerprint(backbone: Backbone, config: AttackConfig, *arrays: np.ndarray, prompts: Sequence[str]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([backbone.name, config.to_dict(), list(prompts)], sort_keys=True).encode())
+    geometry = getattr(backbone, "geometry", None)  # another geometry or precision is another run
+    run = [backbone.name, config.to_dict(), list(prompts), None if geometry is None else dataclasses.asdict(geometry),
+           getattr(backbone, "precision", None)]
+    h.update(json.dumps(run, sort_keys=True).encode())
     reference = getattr(backbone, "reference_latents", None)  # another reference video is another run
     for a in (*arrays, *([] if reference is None else [np.asarray(reference)])):
         h.update(str(a.shape).encode())

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="steps per compiled chunk: progress and finiteness checks between chunks (default 10)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable saves (default 50)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_geometry_options(p)
     _add_execution_options(p)
 
     g = sub.add_parser("generate", help="animate an image with a backbone (to check a protection)")
@@ -68,10 +69,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=int, default=8, help="frame rate of the written GIF (default 8)")
     g.add_argument("--out", type=Path, default=Path("generated"),
                    help="output folder; the files go to OUT/BACKBONE/ (default ./generated)")
+    _add_geometry_options(g)
     _add_execution_options(g)
 
     sub.add_parser("backbones", help="list the registered backbones")
     return parser
+
+
+def _add_geometry_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("geometry of the video the model makes (default: the backbone's model card)")
+    g.add_argument("--frames", type=int, help="pixel frames (CogVideoX: 4k+1; Open-Sora: at least 17)")
+    g.add_argument("--height", type=int, help="model input height in pixels (a multiple of the model's cell: "
+                                               "16 CogVideoX, 8 Open-Sora, 64 DynamiCrafter)")
+    g.add_argument("--width", type=int, help="model input width in pixels (same rule as --height)")
+    g.add_argument("--model-fps", type=float, metavar="FPS",
+                   help="the fps the model is conditioned on (Open-Sora, DynamiCrafter 512/1024) or the frame "
+                        "stride (DynamiCrafter 256); CogVideoX has none")
 
 
 def _add_execution_options(p: argparse.ArgumentParser) -> None:
@@ -87,6 +100,11 @@ def _load_backbone(args: argparse.Namespace):
     from anti_i2v_jax.backbones import registry
 
     backbone = registry.load(args.backbone, args.weights)
+    geometry = {"frames": args.frames, "height": args.height, "width": args.width, "fps": args.model_fps}
+    if any(v is not None for v in geometry.values()):
+        if not hasattr(backbone, "with_geometry"):
+            raise UserError(f"backbone {args.backbone!r} has a fixed geometry; drop --frames/--height/--width/--model-fps")
+        backbone = backbone.with_geometry(**geometry)
     if args.precision == "fp32" and args.remat is None:  # the defaults: nothing to change
         return backbone
     if not hasattr(backbone, "configured"):
@@ -300,6 +318,7 @@ def _write_outputs(args, protector, backbone_name, src: Path, input_shape, origi
         "layers": dataclasses.asdict(_Layers.resolve(protector.backbone, config)),
         "model_size": list(protector.backbone.model_size),
         "frames": _frames(protector.backbone),
+        "geometry": dataclasses.asdict(protector.backbone.geometry) if hasattr(protector.backbone, "geometry") else None,
         "max_side": args.max_side,
         "input_size": list(input_shape[:2]),
         "reference_video": reference,

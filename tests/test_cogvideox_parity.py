@@ -30,7 +30,14 @@ def cogvideox_outputs(case) -> dict[str, np.ndarray]:
 
     meta, inp, _ = load_case(case)
     config, _, params, _ = convert_cogvideox.load_diffusers(case, with_text=False)
-    bb = CogVideoXBackbone(name=case.name, config=config, params=params)
+    # The run's geometry is the case's (any batch size): pixel size from the image, latent frames from the video
+    # latents (already padded to whole temporal patches for 1.5), not the checkpoint's sample_* sizes.
+    batch, _, height, width = inp["image"].shape
+    frames = inp["video_latents"].shape[1]
+    bb = CogVideoXBackbone(name=case.name, config=config, params=params).with_geometry(
+        frames=(frames - 1) * config.vae.temporal_compression_ratio + 1, height=height, width=width)
+    config = bb.config
+    assert bb.latent_shape[0] == frames, (bb.latent_shape, frames)
     out: dict[str, np.ndarray] = {}
 
     vae_taps = ("conv_in", *(f"down_blocks.{i}" for i in range(len(config.vae.block_out_channels))), "mid_block", "conv_out")
@@ -45,19 +52,24 @@ def cogvideox_outputs(case) -> dict[str, np.ndarray]:
     out["vae.video.posterior_mean"] = vae_out(video_mean)
     out["vae.decode"] = vae_out(vae.apply({"params": params["vae"]}, vae_in(inp["latent_for_decode"]), method=vae.decode))
 
-    # The adapter's I2V condition from the [0, 1] image (its resize is the identity at the model size).
-    cond, _ = bb.condition(params, jnp.asarray((inp["image"][0].transpose(1, 2, 0) + 1.0) / 2.0), None)
-    image_latents = cond["image_latents"]
-    out["image_latents"] = tr_out(image_latents[None])
+    # The adapter's I2V condition from each [0, 1] image (its resize is the identity at the model size).
+    image_latents = jnp.stack([
+        bb.condition(params, jnp.asarray((image.transpose(1, 2, 0) + 1.0) / 2.0), None)[0]["image_latents"]
+        for image in inp["image"]
+    ])
+    out["image_latents"] = tr_out(image_latents)
 
     f, h, w, _ = bb.latent_shape
     p = config.transformer.patch_size
     out["rotary.cos"], out["rotary.sin"] = rotary_embedding(config.transformer, f, h // p, w // p)
 
+    # Per-sample timesteps: t is (B,) (or (1,) for every sample).
     ac = scheduler.alphas_cumprod(config.scheduler)
-    x0, noise, t = tr_in(inp["video_latents"]), tr_in(inp["noise"]), jnp.asarray(inp["t"][0])
-    x_t = scheduler.add_noise(ac, x0, noise, t)
-    out["x_t"], out["v_target"] = tr_out(x_t), tr_out(scheduler.get_velocity(ac, x0, noise, t))
+    t = jnp.broadcast_to(jnp.asarray(inp["t"]), (batch,))
+    x0, noise = tr_in(inp["video_latents"]), tr_in(inp["noise"])
+    x_t = jnp.stack([scheduler.add_noise(ac, x0[i], noise[i], t[i]) for i in range(batch)])
+    v_target = jnp.stack([scheduler.get_velocity(ac, x0[i], noise[i], t[i]) for i in range(batch)])
+    out["x_t"], out["v_target"] = tr_out(x_t), tr_out(v_target)
 
     layers = tuple(range(config.transformer.num_layers))
     from anti_i2v_jax.backbones.cogvideox.transformer import (
@@ -66,11 +78,14 @@ def cogvideox_outputs(case) -> dict[str, np.ndarray]:
     )
 
     model = CogVideoXTransformer3DModel(config.transformer, taps=layers)
+    ofs = jnp.full((batch,), 2.0) if config.transformer.ofs_embed_dim is not None else None  # as the I2V pipeline
     sample, state = model.apply(
         {"params": params["transformer"]},
-        jnp.concatenate([x_t, image_latents[None]], axis=-1),
+        jnp.concatenate([x_t, image_latents], axis=-1),
         inp["prompt_embeds"],
-        inp["t"],
+        t,
+        None,
+        ofs,
         mutable=["intermediates"],
     )
     out["transformer.sample"] = tr_out(sample)
@@ -78,18 +93,21 @@ def cogvideox_outputs(case) -> dict[str, np.ndarray]:
     for i in layers:
         out[f"transformer.block_hidden_states.{i}"] = np.asarray(video_taps[i])
         out[f"transformer.block_encoder_hidden_states.{i}"] = np.asarray(text_taps[i])
-    out["loss"] = np.asarray(jnp.mean((sample - scheduler.get_velocity(ac, x0, noise, t)) ** 2))
+    out["loss"] = np.asarray(jnp.mean((sample - v_target) ** 2))
 
     steps = re.search(r"after_(\d+)_steps", " ".join(meta["outputs"]))
     if steps:
         sampler = meta["details"]["sampler"]
-        latents = denoise_latents(
-            bb, params, image_latents, jnp.asarray(inp["prompt_embeds"][0]), jnp.asarray(inp["negative_prompt_embeds"][0]),
-            jnp.asarray(tr_in(inp["noise"])[0]), num_inference_steps=sampler["num_inference_steps"],
-            guidance_scale=sampler["guidance_scale"], use_dynamic_cfg=sampler["use_dynamic_cfg"],
-            stop_after=int(steps.group(1)),
-        )
-        out[f"sampler.latents_after_{steps.group(1)}_steps"] = tr_out(latents[None])
+        latents = jnp.stack([
+            denoise_latents(
+                bb, params, image_latents[i], jnp.asarray(inp["prompt_embeds"][i]),
+                jnp.asarray(inp["negative_prompt_embeds"][i]), noise[i],
+                num_inference_steps=sampler["num_inference_steps"], guidance_scale=sampler["guidance_scale"],
+                use_dynamic_cfg=sampler["use_dynamic_cfg"], stop_after=int(steps.group(1)),
+            )
+            for i in range(batch)
+        ])
+        out[f"sampler.latents_after_{steps.group(1)}_steps"] = tr_out(latents)
     return out
 
 

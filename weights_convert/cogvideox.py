@@ -62,8 +62,11 @@ def read_configs(src: Path) -> tuple[CogVideoXConfig, T5Config | None]:
     scheduler = SchedulerConfig.from_diffusers(read_json(sched_path), str(sched_path)) if sched_path.is_file() else SchedulerConfig()
     s = vae.spatial_factor
     if transformer.is_v15:
-        # 1.5's sample size (300 x 300 latents) is the RoPE limit, not a resolution; the model card's is 768 x 1360.
-        geometry = dict(num_frames=81, height=768, width=1360)
+        # 1.5's sample size (300 x 300 latents) is the RoPE limit, not a resolution; the model card's default is
+        # 81 x 768 x 1360 (clipped to the RoPE limit for a smaller model). A run may choose any other geometry.
+        cell = s * transformer.patch_size
+        most = (transformer.sample_height // transformer.patch_size * cell, transformer.sample_width // transformer.patch_size * cell)
+        geometry = dict(num_frames=81, height=min(768, most[0]), width=min(1360, most[1]))
     else:
         geometry = dict(
             num_frames=transformer.sample_frames, height=transformer.sample_height * s, width=transformer.sample_width * s

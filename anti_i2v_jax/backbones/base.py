@@ -49,6 +49,42 @@ class LayerDefaults:
     vae_layers: tuple[str, ...]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Geometry:
+    """The video a run works with: pixel ``frames`` x ``height`` x ``width`` and, where the model is conditioned
+    on it, ``fps`` (Open-Sora's fps, DynamiCrafter's fps or frame stride; None for CogVideoX).
+
+    A run setting, not a model property: each adapter takes the model card's values as defaults and
+    ``with_geometry`` returns a copy at another geometry after checking that the model can take it.
+    """
+
+    frames: int
+    height: int
+    width: int
+    fps: float | None = None
+
+    def describe(self) -> str:
+        fps = "" if self.fps is None else f" at {self.fps:g} fps"
+        return f"{self.frames} frames x {self.height} x {self.width}{fps}"
+
+
+def nearest_multiples(value: int, step: int, offset: int = 0, minimum: int | None = None) -> str:
+    """The valid values around ``value`` among ``offset + k * step`` (k >= 0), as words for an error."""
+    low = offset + max(0, (value - offset) // step) * step
+    lowest = offset if minimum is None else minimum
+    options = sorted({v for v in (low, low + step) if v >= lowest} or {lowest})
+    return " or ".join(str(v) for v in options)
+
+
+def check_multiple(what: str, value: int, step: int, why: str, offset: int = 0, minimum: int = 1) -> list[str]:
+    """[] when ``value`` is ``offset + k*step`` and >= ``minimum``; else one problem naming the nearest valid values."""
+    if value >= minimum and (value - offset) % step == 0:
+        return []
+    rule = f"a multiple of {step}" if offset == 0 else f"{step}k + {offset}"
+    at_least = f", at least {minimum}" if minimum > max(offset, 1) else ""
+    return [f"{what} {value}: {why} needs {rule}{at_least} (nearest: {nearest_multiples(value, step, offset, minimum)})"]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Noisy:
@@ -159,6 +195,33 @@ class AdapterDefaults:
         if config is not self.config:
             changes["config"] = config
         return dataclasses.replace(self, **changes) if changes else self
+
+    def with_geometry(self, frames: int | None = None, height: int | None = None, width: int | None = None,
+                      fps: float | None = None):
+        """A copy that runs at another geometry (a value left None keeps the current one). A geometry the model
+        cannot take is a :class:`~anti_i2v_jax.errors.UserError` naming every problem and the nearest valid sizes."""
+        from anti_i2v_jax.errors import UserError
+
+        old = self.geometry
+        if fps is not None and old.fps is None:
+            raise UserError(f"{self.name} has no fps or frame-stride conditioning; drop --model-fps")
+        new = Geometry(
+            frames=old.frames if frames is None else int(frames),
+            height=old.height if height is None else int(height),
+            width=old.width if width is None else int(width),
+            fps=old.fps if fps is None else fps,
+        )
+        if new == old:
+            return self
+        problems = self.geometry_problems(new)
+        if problems:
+            raise UserError(f"{self.name} cannot run at {new.describe()}: " + "; ".join(problems))
+        if self.reference_latents is not None:
+            raise UserError("set the geometry first, then the reference video (it is encoded at the run's geometry)")
+        changes = self._geometry_changes(new)
+        if self.min_input_side == default_min_input_side(self.model_size):
+            changes["min_input_side"] = 0  # the default follows the new model size (__post_init__)
+        return dataclasses.replace(self, **changes)
 
     def preprocess(self, x: jax.Array) -> jax.Array:
         """(H, W, 3) in [0, 1] at any size -> the model size in [-1, 1] (resize to cover, centre crop)."""

@@ -23,7 +23,9 @@ TINY_T5 = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=80, num_layers=2, num_he
 def tiny_backbone(seed: int = 0) -> CogVideoXBackbone:
     """``cogvideox-tiny``: the tiny config with seeded random weights and a tiny random T5 over UTF-8 bytes.
 
-    A pipeline demo: it exercises every part of the attack in seconds and gives no real protection.
+    A pipeline demo: it exercises every part of the attack in seconds and gives no real protection. It has
+    RoPE without the learned position table (as CogVideoX-5B text-to-video), so that it runs at any geometry
+    (``--frames/--height/--width``); the table of 5b-I2V fixes its size and is checked against diffusers.
     """
     from anti_i2v_jax.backbones.text.t5 import (
         ByteTokenizer,
@@ -33,7 +35,7 @@ def tiny_backbone(seed: int = 0) -> CogVideoXBackbone:
     )
     from anti_i2v_jax.nn.init import seeded_params
 
-    config = configs.tiny()
+    config = configs.tiny(use_learned_positional_embeddings=False)
     t5 = T5Config(**TINY_T5)
     t5_params = seeded_params(
         jax.eval_shape(T5EncoderModel(t5).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"], seed + 1

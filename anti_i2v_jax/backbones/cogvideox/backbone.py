@@ -27,8 +27,10 @@ import numpy as np
 
 from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
+    Geometry,
     LayerDefaults,
     Noisy,
+    check_multiple,
     resample_frames,
 )
 from anti_i2v_jax.backbones.cogvideox import scheduler
@@ -75,6 +77,34 @@ class CogVideoXBackbone(AdapterDefaults):
     denoiser_config = "transformer"
 
     # ------------------------------------------------------------------------------ geometry
+
+    @property
+    def geometry(self) -> Geometry:
+        """Pixel frames x height x width of the run (CogVideoX has no fps conditioning)."""
+        return Geometry(frames=self.config.num_frames, height=self.config.height, width=self.config.width)
+
+    def geometry_problems(self, g: Geometry) -> list[str]:
+        """What keeps the model from running at ``g``: sizes must be whole patches of whole VAE cells, frames
+        ``4k + 1`` (the causal VAE's frame 0 plus groups of 4), learned position tables fix the size (v1.0: the
+        frame count may change, diffusers then uses a sincos table), and 1.5's RoPE grid has a maximum."""
+        tr, vae = self.config.transformer, self.config.vae
+        cell = vae.spatial_factor * tr.patch_size
+        ratio = vae.temporal_compression_ratio
+        problems = check_multiple("--frames", g.frames, ratio, "the causal VAE", offset=1, minimum=1 + ratio)
+        problems += check_multiple("--height", g.height, cell, f"{vae.spatial_factor}x VAE and {tr.patch_size}x2 patches")
+        problems += check_multiple("--width", g.width, cell, f"{vae.spatial_factor}x VAE and {tr.patch_size}x2 patches")
+        native = (tr.sample_height * vae.spatial_factor, tr.sample_width * vae.spatial_factor)
+        if tr.use_learned_positional_embeddings and (g.height, g.width) != native:
+            problems.append(f"its learned position table fixes the size to --height {native[0]} --width {native[1]} "
+                            f"(only --frames can change)")
+        if tr.is_v15:
+            most = (tr.sample_height // tr.patch_size * cell, tr.sample_width // tr.patch_size * cell)
+            if g.height > most[0] or g.width > most[1]:
+                problems.append(f"its rotary position grid reaches at most {most[0]} x {most[1]} pixels")
+        return problems
+
+    def _geometry_changes(self, g: Geometry) -> dict:
+        return {"config": dataclasses.replace(self.config, num_frames=g.frames, height=g.height, width=g.width)}
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -29,8 +29,10 @@ import numpy as np
 
 from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
+    Geometry,
     LayerDefaults,
     Noisy,
+    check_multiple,
     resample_frames,
 )
 from anti_i2v_jax.backbones.dynamicrafter import diffusion as dm
@@ -110,6 +112,30 @@ class DynamiCrafterBackbone(AdapterDefaults):
         encoded once, before the loop, from :attr:`params`)."""
         vae = {k: v for k, v in self.params["vae"].items() if k not in ("decoder", "post_quant_conv")}
         return self.cast({**{k: v for k, v in self.params.items() if k != "clip_text"}, "vae": vae})
+
+    @property
+    def geometry(self) -> Geometry:
+        """Frames x height x width and the fps (512/1024) or frame stride (256) the U-Net is conditioned on
+        (None for a U-Net without that conditioning)."""
+        c = self.config
+        fs = None if not c.unet.fs_condition else float(c.unet.default_fs if self.fs is None else self.fs)
+        return Geometry(frames=c.frames, height=c.height, width=c.width, fps=fs)
+
+    def geometry_problems(self, g: Geometry) -> list[str]:
+        """Sizes must survive the VAE (8x) and every U-Net downsampling (2x per level but the last)."""
+        cell = self.config.vae_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
+        why = f"the {self.config.vae_factor}x VAE and the U-Net's {len(self.config.unet.channel_mult) - 1} downsamplings"
+        problems = check_multiple("--height", g.height, cell, why) + check_multiple("--width", g.width, cell, why)
+        if g.frames < 2:
+            problems.append(f"--frames {g.frames}: a video needs at least 2 frames")
+        if g.fps is not None and (g.fps < 1 or g.fps != int(g.fps)):
+            problems.append(f"--model-fps {g.fps:g}: DynamiCrafter's fps / frame stride is a positive whole number")
+        return problems
+
+    def _geometry_changes(self, g: Geometry) -> dict:
+        f = self.config.vae_factor
+        config = dataclasses.replace(self.config, latent_size=(g.height // f, g.width // f), num_frames=g.frames)
+        return {"config": config, "fs": None if g.fps is None else int(g.fps)}
 
     def encode_text(self, params, prompt: str) -> jax.Array:
         """(77, context_dim): the OpenCLIP text tower's penultimate layer after ``ln_final``."""

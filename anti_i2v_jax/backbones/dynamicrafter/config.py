@@ -40,6 +40,10 @@ class DynamiCrafterConfig:
     guidance_scale: float = 7.5
     text_start_id: int = 49406
     text_end_id: int = 49407
+    # Frames of the run; None: the U-Net's temporal_length (16 for the released models). With another count the
+    # image tokens (video_length x 16 from the Resampler) no longer split per frame and every frame attends to all
+    # of them, as upstream's UNetModel does.
+    num_frames: int | None = None
 
     @property
     def vae_factor(self) -> int:
@@ -55,7 +59,7 @@ class DynamiCrafterConfig:
 
     @property
     def frames(self) -> int:
-        return self.unet.temporal_length
+        return self.unet.temporal_length if self.num_frames is None else self.num_frames
 
 
 def _ldm_vae(ddconfig: dict[str, Any], where: str) -> AutoencoderKLConfig:

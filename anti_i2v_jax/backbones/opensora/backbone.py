@@ -25,8 +25,10 @@ import numpy as np
 
 from anti_i2v_jax.backbones.base import (
     AdapterDefaults,
+    Geometry,
     LayerDefaults,
     Noisy,
+    check_multiple,
     resample_frames,
 )
 from anti_i2v_jax.backbones.opensora import rflow
@@ -108,6 +110,30 @@ class OpenSoraBackbone(AdapterDefaults):
         keep = {part: {k: v for k, v in vae[part].items() if k in ("encoder", "quant_conv")}
                 for part in ("spatial_vae", "temporal_vae")}
         return self.cast({"vae": keep, "stdit": self.params["stdit"]})
+
+    @property
+    def geometry(self) -> Geometry:
+        """Pixel frames x height x width and the fps the denoiser is conditioned on."""
+        c = self.config
+        return Geometry(frames=c.num_frames, height=c.height, width=c.width, fps=c.fps)
+
+    def geometry_problems(self, g: Geometry) -> list[str]:
+        """Sizes must be whole VAE cells; the frame count at least one temporal micro-batch (17), because
+        Open-Sora's timestep transform scales t by sqrt(frames // 17 * 5), which is 0 for fewer frames."""
+        factor = 2 ** (len(self.config.vae.spatial.block_out_channels) - 1)
+        micro = self.config.vae.micro_frame_size
+        problems = check_multiple("--height", g.height, factor, f"the {factor}x VAE")
+        problems += check_multiple("--width", g.width, factor, f"the {factor}x VAE")
+        if g.frames < micro:
+            problems.append(f"--frames {g.frames}: Open-Sora's timestep transform needs at least {micro} frames "
+                            f"(it scales t by sqrt(frames // {micro} * 5), zero below {micro})")
+        if not g.fps > 0:
+            problems.append(f"--model-fps {g.fps:g}: must be positive")
+        return problems
+
+    def _geometry_changes(self, g: Geometry) -> dict:
+        return {"config": dataclasses.replace(self.config, num_frames=g.frames, height=g.height, width=g.width,
+                                              fps=float(g.fps))}
 
     @functools.cached_property
     def x_mask(self) -> np.ndarray:
