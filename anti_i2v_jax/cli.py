@@ -44,8 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                           "then use it as the reference video (the paper's protocol)")
     p.add_argument("--out", type=Path, default=Path("protected"), help="output folder (default ./protected)")
     p.add_argument("--devices", type=int, default=1, help="protect this many images at once, one per device")
-    p.add_argument("--parallel", default="shard_map", choices=["shard_map", "pmap"],
-                   help="with --devices > 1 (default shard_map)")
+    p.add_argument("--parallel", default="dispatch", choices=["dispatch", "shard_map", "pmap"],
+                   help="how --devices N runs: dispatch (default) runs each image's own one-device program on every "
+                        "device, so its bytes equal a run alone; shard_map (a mesh) and pmap build one N-device "
+                        "program, which XLA may round differently by a level or so")
     p.add_argument("--seed", type=int, default=0, help="seed of the random start, timesteps and noise (default 0)")
     p.add_argument("--max-side", type=int, help="downscale inputs whose longer side exceeds this (default: no limit)")
     p.add_argument("--chunk-size", type=int, default=10,
