@@ -451,17 +451,56 @@ def _empty_record(n_terms: int) -> dict[str, jax.Array]:
 
 
 def _initial_state(config: AttackConfig, x0: np.ndarray) -> dict[str, np.ndarray]:
-    root = jax.random.PRNGKey(config.seed)
-    delta = np.zeros_like(x0)
+    """The loop state of a run seeded by ``config.seed`` (on the host)."""
+    return jax.tree.map(np.asarray, _state_from_key(config, jnp.asarray(x0), jax.random.PRNGKey(config.seed)))
+
+
+def _state_from_key(config: AttackConfig, x0: jax.Array, root: jax.Array) -> dict[str, jax.Array]:
+    """The loop state at step 0 from a PRNG key (traceable): the random start inside the budget, the step
+    counter, the key of the timestep/noise draws and the term scales (set at step 0 when normalising)."""
+    delta = jnp.zeros_like(x0)
     if config.random_start:
         noise = jax.random.uniform(jax.random.fold_in(root, 1), x0.shape, minval=-config.eps, maxval=config.eps)
-        delta = np.asarray(dsp.project(x0 + noise, x0, config.eps) - x0)
+        delta = dsp.project(x0 + noise, x0, config.eps) - x0
     return dict(
-        delta=delta.astype(np.float32),
-        step=np.asarray(0, np.int32),
-        key=np.asarray(jax.random.fold_in(root, 0)),
-        scale=np.ones((len(config.term_names),), np.float32),
+        delta=delta.astype(jnp.float32),
+        step=jnp.asarray(0, jnp.int32),
+        key=jax.random.fold_in(root, 0),
+        scale=jnp.ones((len(config.term_names),), jnp.float32),
     )
+
+
+def make_protect_fn(backbone: Backbone, config: AttackConfig | None = None, *,
+                    image_size: tuple[int, int]) -> Callable:
+    """Protection as a pure function of arrays, for use inside your own ``jax.jit``, ``vmap`` or mesh.
+
+    Returns ``fn(params, image, key, text, target=None) -> (protected, history)`` for one image of
+    ``image_size``: ``params`` the backbone's step parameters (``backbone.attack_params`` where it has them,
+    else ``backbone.params``), ``image`` float32 ``(H, W, 3)`` in [0, 1], ``key`` a PRNG key (the random
+    start, timesteps and noise; ``jax.random.PRNGKey(config.seed)`` reproduces ``protect``), ``text`` the
+    backbone's ``encode_text(backbone.params, prompt)`` (computed once, on the host), ``target`` float32
+    ``(H, W, 3)`` in [0, 1] for methods that use one (default: the seeded procedural texture). ``protected``
+    is float32 ``(H, W, 3)`` inside the L-inf budget; ``anti_i2v_jax.dsp.quantize`` rounds it to uint8
+    within the budget. ``history`` maps each term and ``"total"`` to its value at every step ``(steps,)``.
+    No host callbacks, no checkpoints and no finiteness checks: ``Protector`` adds those between chunks.
+    All steps run in one ``lax.scan``, a different XLA program from ``Protector``'s chunks, so the two agree
+    to float rounding: the loss histories to ~1e-6, the saved pixels but for one on a half level now and then.
+    """
+    config, _ = resolve_terms(backbone, config or AttackConfig())
+    chunk, _ = _make_chunk_fn(backbone, dataclasses.replace(config, chunk_size=config.steps), image_size)
+    default_target = _prepare_target(None, image_size, config.target_seed).astype(np.float32) / 255.0
+
+    def fn(params, image, key, text, target=None):
+        x0 = jnp.asarray(image, jnp.float32)
+        if x0.shape != (*image_size, 3):
+            raise UserError(f"make_protect_fn was built for images of {image_size}, got {x0.shape}")
+        tgt = jnp.asarray(default_target if target is None else target, jnp.float32)
+        state, record = chunk(params, x0, tgt, text, _state_from_key(config, x0, key))
+        history = {k: record["values"][:, i] for i, k in enumerate(config.term_names)}
+        history["total"] = record["total"]
+        return x0 + state["delta"], history
+
+    return fn
 
 
 # ------------------------------------------------------------------------------- devices
