@@ -16,11 +16,14 @@ Many images run data-parallel with one per-device function used through ``jax.sh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -575,6 +578,23 @@ def _index(tree, i):
 # ------------------------------------------------------------------------------- checkpoints
 
 
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: for work that must not be cut in
+    half. Only the main thread can install signal handlers; elsewhere the block runs unguarded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 class _Checkpointer:
     """Orbax save/restore of the batched loop state and history, guarded by a run fingerprint.
 
@@ -592,8 +612,10 @@ class _Checkpointer:
     def _open(self):
         if self._manager is None:
             ocp = self._ocp
+            # cleanup_tmp_directories: a save cut short by a crash leaves a *.orbax-checkpoint-tmp folder; drop it
             self._manager = ocp.CheckpointManager(
-                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True),
             )
         return self._manager
 
@@ -617,16 +639,18 @@ class _Checkpointer:
         return state, np.asarray(restored["state"]["history"])
 
     def save(self, step: int, state: dict, history: np.ndarray) -> None:
+        """Save and wait; Ctrl-C during the save takes effect once it is complete (never a half-written one)."""
         ocp = self._ocp
         manager = self._open()
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"state": state, "history": history}),
-                meta=ocp.args.JsonSave({"fingerprint": self.fingerprint, "step": step}),
-            ),
-        )
-        manager.wait_until_finished()
+        with _interrupt_after():
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"state": state, "history": history}),
+                    meta=ocp.args.JsonSave({"fingerprint": self.fingerprint, "step": step}),
+                ),
+            )
+            manager.wait_until_finished()
 
     def remove(self) -> None:
         if self._manager is not None:

@@ -256,3 +256,30 @@ def test_a_protector_compiles_once_per_size(backbone, image):
     protector.protect([image])
     protector.protect([image[::-1].copy()])
     assert len(protector._compiled) == 1
+
+
+def test_ctrl_c_during_a_save_completes_the_save_then_interrupts(backbone, image, tmp_path, monkeypatch):
+    """SIGINT that lands inside the checkpoint save is held until the save is whole: the run then stops with
+    KeyboardInterrupt, leaves no *.orbax-checkpoint-tmp folder, and resumes from that save."""
+    import os
+    import signal
+
+    import orbax.checkpoint as ocp
+
+    config = AttackConfig(steps=6, chunk_size=3, checkpoint_every=3, seed=2)
+    full = protect(backbone, image, config)
+    real_save = ocp.CheckpointManager.save
+
+    def save_with_ctrl_c(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered now, in the middle of the save
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_with_ctrl_c)
+    ckpt = tmp_path / "state"
+    with pytest.raises(KeyboardInterrupt):
+        protect(backbone, image, config, checkpoint_dir=ckpt)
+    monkeypatch.undo()
+    assert ckpt.is_dir() and not [p for p in ckpt.rglob("*") if "tmp" in p.name], sorted(ckpt.rglob("*"))
+    resumed = protect(backbone, image, config, checkpoint_dir=ckpt)
+    assert resumed.resumed_from == 3
+    np.testing.assert_array_equal(resumed.image, full.image)
