@@ -206,7 +206,7 @@ def _protect(args: argparse.Namespace) -> int:
             print(f"note: {path}: downscaled from {before.shape[1]}x{before.shape[0]} to {im.shape[1]}x{im.shape[0]} "
                   f"(--max-side {args.max_side}); the protected image has the smaller size", file=sys.stderr)
         if io.has_alpha(path):
-            print(f"note: {path}: its transparency is flattened on white; the protected PNG is opaque RGB",
+            print(f"note: {path}: protected as seen on white; its transparency is put back on the protected PNG",
                   file=sys.stderr)
     target = io.load_image(args.target) if args.target else None
 
@@ -295,12 +295,15 @@ def _write_outputs(args, protector, backbone_name, src: Path, input_shape, origi
     import math
 
     import jax
+    import numpy as np
 
     from anti_i2v_jax import io, metrics
     from anti_i2v_jax.attack import _Layers, uses_target
 
     stem = args.out / src.stem
-    image_path = io.save_image(f"{stem}_protected.png", result.image, protect=protected_paths)
+    alpha = io.load_alpha(src, result.image.shape[:2])  # None for an opaque input
+    saved = result.image if alpha is None else np.concatenate([result.image, alpha[..., None]], axis=-1)
+    image_path = io.save_image(f"{stem}_protected.png", saved, protect=protected_paths)
     config = protector.config
     change = metrics.linf(result.image, original)
     psnr = metrics.psnr(result.image, original)
@@ -323,6 +326,8 @@ def _write_outputs(args, protector, backbone_name, src: Path, input_shape, origi
         "geometry": dataclasses.asdict(protector.backbone.geometry) if hasattr(protector.backbone, "geometry") else None,
         "max_side": args.max_side,
         "input_size": list(input_shape[:2]),
+        "alpha": "the input's transparency, put back on the protected RGB (computed on white)" if alpha is not None
+        else None,
         "reference_video": reference,
         "terms_off": protector.term_notes,
         "settings": config.to_dict(),

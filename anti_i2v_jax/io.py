@@ -86,6 +86,19 @@ def has_alpha(path: str | Path) -> bool:
         return False
 
 
+def load_alpha(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray | None:
+    """The transparency of ``path`` as uint8 ``(H, W)`` (EXIF orientation applied), resized (Lanczos) to
+    ``size`` = (H, W) when given; None for an opaque image."""
+    if not has_alpha(path):
+        return None
+    with Image.open(path) as img:
+        img.load()
+        alpha = ImageOps.exif_transpose(img).convert("RGBA").getchannel("A")
+    if size is not None and alpha.size != (size[1], size[0]):
+        alpha = alpha.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    return np.asarray(alpha)
+
+
 def load_video(path: str | Path) -> np.ndarray:
     """Read a reference video as uint8 ``(T, H, W, 3)``: an animated image (GIF, APNG, WebP, multi-page TIFF)
     or a folder of frame images in name order. Errors are one line (:class:`ImageError`)."""
@@ -145,10 +158,11 @@ def _umask() -> int:
 
 
 def save_image(path: str | Path, image: np.ndarray, *, protect: Iterable[Path] = ()) -> Path:
-    """Save a uint8 ``(H, W, 3)`` image as PNG, atomically, never over a file in ``protect``."""
+    """Save a uint8 ``(H, W, 3)`` image (or ``(H, W, 4)`` with alpha) as PNG, atomically, never over a file in
+    ``protect``."""
     image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise UserError(f"save_image expects uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (3, 4):
+        raise UserError(f"save_image expects uint8 (H, W, 3) or (H, W, 4), got {image.dtype} {image.shape}")
     return atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"), protect=protect)
 
 

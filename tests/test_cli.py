@@ -185,3 +185,22 @@ def test_generate_steps_zero_is_one_line(tmp_path, capsys):
     code, _, err = _run(capsys, "generate", str(src), "--prompt", "x", "--steps", "0",
                         "--out", str(tmp_path / "g"))
     assert code == 2 and "--steps must be at least 1" in err and not (tmp_path / "g").exists()
+
+
+def test_rgba_input_keeps_its_transparency(tmp_path, image, capsys, double_registered):
+    from PIL import Image
+
+    alpha = np.full(image.shape[:2], 255, np.uint8)
+    alpha[:, : image.shape[1] // 3] = 0  # a transparent left third
+    Image.fromarray(np.concatenate([image, alpha[..., None]], -1), "RGBA").save(tmp_path / "cut.png")
+    code, _, err = _run(capsys, "protect", str(tmp_path / "cut.png"), "--backbone", double_registered,
+                        "--out", str(tmp_path / "o"), *FAST)
+    assert code == 0 and "transparency is put back" in err
+    with Image.open(tmp_path / "o" / "cut_protected.png") as out:
+        assert out.mode == "RGBA"
+        saved = np.asarray(out)
+    np.testing.assert_array_equal(saved[..., 3], alpha)
+    flat = load_image(tmp_path / "cut.png")  # the RGB the run protected (composited on white)
+    assert 0 < np.abs(saved[..., :3].astype(int) - flat).max() <= 16
+    report = json.loads((tmp_path / "o" / "cut_report.json").read_text())
+    assert report["alpha"] is not None

@@ -122,3 +122,16 @@ def test_metrics_match_scikit_image():
     )
     assert metrics.ssim(a, b) == pytest.approx(ref, rel=1e-10)
     assert metrics.psnr(a, a) == float("inf") and metrics.ssim(a, a) == pytest.approx(1.0)
+
+
+def test_alpha_is_read_and_resized(tmp_path):
+    from anti_i2v_jax.io import load_alpha
+
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[:2, :, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    alpha = load_alpha(tmp_path / "t.png")
+    assert alpha.shape == (4, 6) and alpha[0, 0] == 255 and alpha[3, 0] == 0
+    assert load_alpha(tmp_path / "t.png", (8, 12)).shape == (8, 12)
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "o.png")
+    assert load_alpha(tmp_path / "o.png") is None
