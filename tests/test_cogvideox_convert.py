@@ -99,7 +99,7 @@ def test_a_mismatch_exits_1_listing_both_sets(tmp_path, capsys):
     vae["encoder.extra.weight"] = (3,)
     vae["encoder.conv_in.conv.bias"] = (64,)
     write_header_only(src / "vae" / "diffusion_pytorch_model.safetensors", vae, "F32")
-    assert convert_main.main(["cogvideox", "--src", str(src), "--dry-run"]) == 1
+    assert convert_main.main(["cogvideox", "--src", str(src), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "encoder.extra.weight" in err and "encoder/norm_out/scale" in err and "encoder.conv_in.conv.bias (64,)" in err
 
@@ -127,7 +127,7 @@ def test_convert_then_load_round_trips(tmp_path, case, capsys):
     for a, b in zip(jax.tree.leaves(backbone.params), jax.tree.leaves(direct)):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert backbone.name == "cogvideox-5b-i2v"
-    assert convert_main.main(["cogvideox", "--src", str(case), "--dst", str(tmp_path / "out")]) == 1
+    assert convert_main.main(["cogvideox", "--src", str(case), "--dst", str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
 
 

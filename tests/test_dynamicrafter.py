@@ -451,4 +451,4 @@ def test_bad_config_yaml_is_one_line(tmp_path, capsys, content, message):
     src.write_bytes(b"")
     code = convert_main.main(["dynamicrafter", "--src", str(src), "--config", str(config), "--dry-run"])
     err = capsys.readouterr().err
-    assert code == 1 and message in err and "Traceback" not in err, err  # the converter exits 1 on bad input
+    assert code == 2 and message in err and "Traceback" not in err, err  # bad input: one line, exit 2

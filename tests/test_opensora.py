@@ -88,7 +88,7 @@ def test_a_wrong_normalisation_buffer_is_refused(tmp_path, capsys):
     (tmp_path / "vae" / "model.safetensors").symlink_to((cases[0] / "vae" / "model.safetensors").resolve())
     code = convert_main.main(["opensora", "--stdit", str(cases[0] / "stdit3"), "--vae", str(tmp_path / "vae"),
                               "--dst", str(tmp_path / "out")])
-    assert code == 1 and "shift" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert code == 2 and "shift" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -42,9 +42,9 @@ def main(argv=None) -> int:
             from weights_convert import opensora
 
             return opensora.run(args.stdit, args.vae, args.t5, args.dst, args.dtype, args.dry_run)
-    except UserError as e:
+    except UserError as e:  # bad input or settings: one line, exit 2 (as anti-i2v)
         print(f"weights_convert: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 2
 
 
