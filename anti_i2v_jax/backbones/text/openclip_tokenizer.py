@@ -58,7 +58,7 @@ _LIGATURES = {
 
 
 def _build_fixes() -> dict[int, str | None]:
-    """One ``str.translate`` table for the per-character fixes, applied in ftfy's order."""
+    """One ``str.translate`` table for ftfy's per-character fixes (:func:`clean` repeats to a fixed point, as ftfy)."""
     table: dict[int, str | None] = {}
     for b in range(0x80, 0xA0):  # C1 controls are almost always Windows-1252 bytes read as Latin-1
         try:
@@ -72,12 +72,13 @@ def _build_fixes() -> dict[int, str | None]:
             table[c] = alt
     table.update({c: "'" for c in (0x02BC, 0x2018, 0x2019, 0x201A, 0x201B)})  # curly quotes
     table.update({c: '"' for c in range(0x201C, 0x2020)})
-    for c in (*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)):
-        table[c] = None  # control and format characters nobody means to type
     return table
 
 
 _FIXES = _build_fixes()
+# control and format characters nobody means to type (after terminal escapes, which start with ESC, are gone)
+_CONTROLS = dict.fromkeys((*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
+                           *range(0xFFF9, 0xFFFD)))
 
 
 def _unescape_entity(m: re.Match) -> str:
@@ -92,9 +93,9 @@ def clean(text: str) -> str:
         before = text
         if unescape:
             text = _ENTITY.sub(_unescape_entity, text)
-        text = text.translate(_FIXES)  # C1 controls, ligatures, widths, quotes, control characters
-        text = _SURROGATE.sub("\ufffd", _TERMINAL_ESCAPE.sub("", text))
-        text = unicodedata.normalize("NFC", text.translate(_FIXES))
+        text = _SURROGATE.sub("\ufffd", text.translate(_FIXES))  # C1 controls, ligatures, widths, quotes
+        text = _TERMINAL_ESCAPE.sub("", text).translate(_CONTROLS)
+        text = unicodedata.normalize("NFC", text)
         if text == before:
             break
     text = html.unescape(html.unescape(text)).strip()
@@ -103,7 +104,7 @@ def clean(text: str) -> str:
 
 # --- pre-tokenization -------------------------------------------------------------------------------------
 
-_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+_HEADS = (START, END, "'s", "'t", "'re", "'ve", "'m", "'ll", "'d")  # tried in this order, before the classes
 
 
 def _kind(c: str) -> str:
@@ -113,13 +114,14 @@ def _kind(c: str) -> str:
     return cat if cat in "LN" else "P"
 
 
-def pieces(text: str, specials: tuple[str, ...] = (START, END)) -> list[str]:
+def pieces(text: str) -> list[str]:
     """Split cleaned, lower-cased text as open_clip's pattern does, trying at each position in turn: a special
-    token, a contraction (``'s``, ``'t``, ``'re``, ``'ve``, ``'m``, ``'ll``, ``'d``), a run of letters, one number
-    character, a run of anything else but whitespace. Whitespace separates pieces and is dropped."""
+    token's name (``<start_of_text>``, ``<end_of_text>``), a contraction (``'s``, ``'t``, ``'re``, ``'ve``, ``'m``,
+    ``'ll``, ``'d``), a run of letters, one number character, a run of anything else but whitespace. Whitespace
+    separates pieces and is dropped."""
     out, i, n = [], 0, len(text)
     while i < n:
-        head = next((s for s in (*specials, *_CONTRACTIONS) if text.startswith(s, i)), None)
+        head = next((s for s in _HEADS if text.startswith(s, i)), None)
         kind = _kind(text[i])
         if head is not None:
             j = i + len(head)
@@ -141,9 +143,8 @@ def pieces(text: str, specials: tuple[str, ...] = (START, END)) -> list[str]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read().split("\n")
+    data = path.read_bytes()
+    return (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8").split("\n")
 
 
 class OpenCLIPTokenizer:
@@ -173,8 +174,8 @@ class OpenCLIPTokenizer:
                 )
         except (OSError, ValueError, KeyError, EOFError) as e:  # unreadable, not gzip, not JSON, bad lines
             raise UserError(f"cannot read the CLIP BPE vocabulary from {source}: {e}") from None
-        self.sot_id, self.eot_id = self.encoder[self.specials[0]], self.encoder[self.specials[1]]
-        self._cache: dict[str, tuple[int, ...]] = {s: (self.encoder[s],) for s in self.specials}
+        # open_clip reads these two strings in a prompt as the tokens themselves, whatever the vocabulary names them
+        self._cache: dict[str, tuple[int, ...]] = {START: (self.sot_id,), END: (self.eot_id,)}
         self._bytes = byte_symbols()
 
     def _from_merges_file(self, path: Path) -> None:
@@ -186,15 +187,15 @@ class OpenCLIPTokenizer:
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [START, END]
         self.encoder = {s: i for i, s in enumerate(vocab)}
         self.ranks = {m: r for r, m in enumerate(merges)}
-        self.specials = (START, END)
+        self.sot_id, self.eot_id = self.encoder[START], self.encoder[END]
 
     def _from_vocab_json(self, folder: Path) -> None:
         self.encoder = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = [line for line in _read_lines(folder / "merges.txt") if line and not line.startswith("#version")]
         self.ranks = {tuple(line.split()): r for r, line in enumerate(lines)}
-        for names in ((START, END), ("<|startoftext|>", "<|endoftext|>")):
-            if all(s in self.encoder for s in names):
-                self.specials = names
+        for sot, eot in ((START, END), ("<|startoftext|>", "<|endoftext|>")):
+            if sot in self.encoder and eot in self.encoder:
+                self.sot_id, self.eot_id = self.encoder[sot], self.encoder[eot]
                 return
         raise ValueError("vocab.json has neither <start_of_text>/<end_of_text> nor <|startoftext|>/<|endoftext|>")
 
@@ -227,7 +228,7 @@ class OpenCLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of ``text`` after open_clip's cleaning, without start/end tokens or padding."""
-        return [i for p in pieces(clean(text).lower(), self.specials) for i in self._bpe(p)]
+        return [i for p in pieces(clean(text).lower()) for i in self._bpe(p)]
 
     def __call__(self, text: str) -> np.ndarray:
         ids = [self.sot_id, *self.encode(text)][: self.length - 1] + [self.eot_id]

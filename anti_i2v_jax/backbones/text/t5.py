@@ -8,6 +8,7 @@ gated-GELU (tanh) feed-forward, no biases anywhere. Taps: ``embeddings`` and the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -256,7 +257,18 @@ def converted_text_encoder(path: Path, config: T5Config, params, max_length: int
 
 
 def load_tokenizer(path: str | Path):
-    """A T5 tokenizer from a local folder (``tokenizer/`` of a diffusers checkpoint); never the network."""
+    """A T5 tokenizer from a local folder (``tokenizer/`` of a diffusers checkpoint); never the network.
+
+    The folder needs its vocabulary: ``spiece.model`` (SentencePiece; read with the ``sentencepiece`` package, as
+    CogVideoX's and DeepFloyd's T5 folders ship it) or ``tokenizer.json``. Without either, transformers would
+    build an empty vocabulary that turns every word into ``<unk>``, without a word of warning.
+    """
+    path = Path(path)
+    has_spiece, has_json = (path / "spiece.model").is_file(), (path / "tokenizer.json").is_file()
+    if not (has_spiece or has_json):
+        raise UserError(f"{path}: no T5 vocabulary in the tokenizer folder (spiece.model or tokenizer.json)")
+    if has_spiece and not has_json and importlib.util.find_spec("sentencepiece") is None:
+        raise UserError(f"{path}: reading spiece.model needs the sentencepiece package (pip install sentencepiece)")
     try:
         from transformers import AutoTokenizer
 
