@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -452,3 +453,31 @@ def test_bad_config_yaml_is_one_line(tmp_path, capsys, content, message):
     code = convert_main.main(["dynamicrafter", "--src", str(src), "--config", str(config), "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err  # bad input: one line, exit 2
+
+
+@needs_case
+def test_convert_keeps_the_openclip_vocabulary_and_refuses_a_bad_one(tmp_path, capsys):
+    """--tokenizer takes open_clip's .gz itself; only the vocabulary is kept; a bad one fails before any work."""
+    import gzip
+
+    from anti_i2v_jax.backbones.dynamicrafter import load_converted
+    from anti_i2v_jax.backbones.text.openclip_tokenizer import OpenCLIPTokenizer
+    from weights_convert import __main__ as convert_main
+
+    vocab = Path(__file__).parent / "data" / "openclip" / "bpe_simple_vocab_16e6.txt.gz"
+    case = next(c for c in CASES if (c / "model.safetensors").exists())
+    args = ["dynamicrafter", "--src", str(case / "model.safetensors"), "--config", str(case / "config.yaml"),
+            "--dtype", "float32"]
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(gzip.compress(b"not a merges file\n"))
+    capsys.readouterr()
+    assert convert_main.main([*args, "--tokenizer", str(bad), "--dst", str(tmp_path / "no")]) == 2
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+    out = tmp_path / "with-vocab"
+    assert convert_main.main([*args, "--tokenizer", str(vocab), "--dst", str(out)]) == 0
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == [vocab.name]
+    backbone = load_converted(out, "dynamicrafter-1024")
+    ids = OpenCLIPTokenizer(vocab, backbone.config.text.context_length)("a dog running")
+    np.testing.assert_array_equal(backbone.tokenizer("a dog running"), ids)
+    assert ids[0] == 49406 and 49407 in ids

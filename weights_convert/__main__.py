@@ -21,7 +21,9 @@ def main(argv=None) -> int:
     d = sub.add_parser("dynamicrafter", help="a DynamiCrafter model.ckpt / model.safetensors + its config.yaml")
     d.add_argument("--src", type=Path, required=True, help="model.ckpt (Lightning) or model.safetensors")
     d.add_argument("--config", type=Path, required=True, help="the inference config.yaml of that checkpoint")
-    d.add_argument("--tokenizer", type=Path, help="a CLIP BPE tokenizer folder (vocab.json + merges.txt) to keep")
+    d.add_argument("--tokenizer", type=Path,
+                   help="the CLIP BPE vocabulary to keep for prompts: open_clip's bpe_simple_vocab_16e6.txt.gz (or "
+                        "the open_clip package folder holding it), or a folder with vocab.json + merges.txt")
     for each in (p, o, d):
         each.add_argument("--dst", type=Path, help="output folder (new or empty); not needed with --dry-run")
         each.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")

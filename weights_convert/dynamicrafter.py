@@ -182,6 +182,24 @@ def load(src, config_yaml, *, dtype=None, dry_run: bool = False):
     return config, params, report
 
 
+def tokenizer_files(source: Path) -> list[Path]:
+    """The vocabulary files of a CLIP BPE tokenizer to keep with the weights: open_clip's
+    ``bpe_simple_vocab_16e6.txt.gz`` (the file, or a folder holding it, e.g. the open_clip package folder) or a
+    folder's ``vocab.json`` + ``merges.txt``. The tokenizer is built once here, so a bad vocabulary fails early."""
+    from anti_i2v_jax.backbones.text.openclip_tokenizer import (
+        VOCAB_NAME,
+        OpenCLIPTokenizer,
+    )
+
+    source = Path(source).expanduser()
+    OpenCLIPTokenizer(source)  # UserError naming the problem
+    if source.is_file():
+        return [source]
+    if (source / "vocab.json").is_file() and (source / "merges.txt").is_file():
+        return [source / "vocab.json", source / "merges.txt"]
+    return [source / VOCAB_NAME]
+
+
 def run(src: Path, config_yaml: Path, dst: Path | None, dtype: str, dry_run: bool, tokenizer: Path | None = None) -> int:
     """``python -m weights_convert dynamicrafter``."""
     import ml_dtypes
@@ -189,6 +207,7 @@ def run(src: Path, config_yaml: Path, dst: Path | None, dtype: str, dry_run: boo
     from weights_convert.cogvideox import check_destination, write_atomically
 
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    vocab = tokenizer_files(tokenizer) if tokenizer is not None else []  # a bad vocabulary fails before any work
     if not dry_run:
         check_destination(dst)
     _, _, report = load(src, config_yaml, dry_run=True)
@@ -205,8 +224,10 @@ def run(src: Path, config_yaml: Path, dst: Path | None, dtype: str, dry_run: boo
             checkpointer.save(tmp / "params" / part, tree)
             checkpointer.wait_until_finished()
         shutil.copyfile(config_yaml, tmp / "config.yaml")
-        if tokenizer is not None:
-            shutil.copytree(tokenizer, tmp / "tokenizer")
+        if vocab:
+            (tmp / "tokenizer").mkdir()
+            for f in vocab:
+                shutil.copyfile(f, tmp / "tokenizer" / f.name)
         meta = {"backbone": "dynamicrafter", "dtype": dtype, "source": Path(src).name}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
