@@ -41,6 +41,7 @@ def test_a_deterministic_term_is_normalised_to_one(backbone, image):
     assert protect(backbone, image, config).history["total"][0] == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_normalisation_over_several_draws_is_steadier_than_one(backbone, image):
     """The diffusion loss varies with the random (t, eps) draw; its normalisation is the mean over
     ``normalize_draws`` draws, so the effective weight varies less between seeds than with one draw."""
@@ -71,6 +72,7 @@ def test_sign_descent_lowers_the_objective(backbone, image):
     assert protect(backbone, image, flipped).history["ira_vae"][-1] > hist[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["alternate", "lab", "dct", "rgb"])
 def test_every_schedule_moves_the_image_within_budget(backbone, image, schedule):
     config = dataclasses.replace(FAST, schedule=schedule, eps=4 / 255)
@@ -79,6 +81,7 @@ def test_every_schedule_moves_the_image_within_budget(backbone, image, schedule)
     assert 0 < change.max() <= 4
 
 
+@pytest.mark.slow
 def test_dct_schedule_changes_only_low_frequencies(backbone, image):
     config = dataclasses.replace(FAST, schedule="dct", eps=1.0)  # a budget that never binds
     protector = Protector(backbone, config)
@@ -96,6 +99,7 @@ def test_dct_schedule_changes_only_low_frequencies(backbone, image):
     assert inside > 10 * rounding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_preset_runs_within_budget(backbone, image, method):
     config = AttackConfig.for_method(method, steps=2, chunk_size=2, checkpoint_every=2)
@@ -148,6 +152,7 @@ def test_preset_table_covers_every_method():
     assert set(MAIN_TERMS) == set(METHODS) == set(METHOD_NOTES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(MAIN_TERMS))
 def test_every_preset_moves_the_image_and_its_main_term_the_right_way(backbone, image, method):
     config = AttackConfig.for_method(method, steps=10, chunk_size=10, checkpoint_every=10)
@@ -158,6 +163,7 @@ def test_every_preset_moves_the_image_and_its_main_term_the_right_way(backbone, 
         assert direction * (after[term] - before[term]) > 0, (term, before[term], after[term])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_data_parallel_equals_one_by_one(backbone, image, mode):
     assert jax.device_count() >= 2, "conftest asks XLA for two host devices"
@@ -171,6 +177,7 @@ def test_data_parallel_equals_one_by_one(backbone, image, mode):
             np.testing.assert_array_equal(b.history[k], a.history[k])
 
 
+@pytest.mark.slow
 def test_batch_with_more_images_than_devices_runs_in_rounds(backbone, image):
     images = [image, image[::-1].copy(), image[:, ::-1].copy()]
     config = dataclasses.replace(FAST, steps=2, chunk_size=2, checkpoint_every=2)
@@ -183,6 +190,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_to_an_uninterrupted_run(backbone, image, tmp_path):
     config = AttackConfig(steps=9, chunk_size=3, checkpoint_every=3, seed=5)
     full = protect(backbone, image, config)
@@ -203,6 +211,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(backbone, image, tmp_pa
     assert not ckpt.exists(), "the checkpoint is removed once the run is complete"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_run_is_refused(backbone, image, tmp_path):
     config = AttackConfig(steps=6, chunk_size=3, checkpoint_every=3)
 
@@ -221,6 +230,7 @@ def test_non_finite_loss_names_step_and_term(image):
         protect(bad, image, AttackConfig.for_method("advdm", steps=3, chunk_size=3, checkpoint_every=3))
 
 
+@pytest.mark.slow
 def test_non_finite_gradient_names_step_and_term(image, tmp_path):
     bad = TinyBackbone.create(nan_grad=True)
     config = AttackConfig(steps=3, chunk_size=3, checkpoint_every=3)
@@ -258,6 +268,7 @@ def test_a_protector_compiles_once_per_size(backbone, image):
     assert len(protector._compiled) == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_save_completes_the_save_then_interrupts(backbone, image, tmp_path, monkeypatch):
     """SIGINT that lands inside the checkpoint save is held until the save is whole: the run then stops with
     KeyboardInterrupt, leaves no *.orbax-checkpoint-tmp folder, and resumes from that save."""

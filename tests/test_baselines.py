@@ -14,6 +14,8 @@ from anti_i2v_jax import AttackConfig, Protector, protect, resolve_terms
 from anti_i2v_jax.backbones import load
 from anti_i2v_jax.backbones.cogvideox import scheduler
 
+pytestmark = pytest.mark.slow  # not in the quick tier; the full suite (CI) runs it
+
 
 def _eps_variant(bb):
     """DynamiCrafter-tiny with the eps parameterisation of the released 256 model."""

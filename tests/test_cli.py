@@ -51,6 +51,7 @@ def test_protect_writes_image_report_and_plot(tmp_path, image, capsys, double_re
     assert "face_protected.png" in out
 
 
+@pytest.mark.slow
 def test_two_images_on_two_devices(tmp_path, image, capsys, double_registered):
     for name, im in [("a", image), ("b", image[::-1].copy())]:
         save_image(tmp_path / f"{name}.png", im)
@@ -105,6 +106,7 @@ def test_backbones_lists_the_registry(capsys, double_registered):
     assert code == 0 and "test-double" in out and "built in" in out
 
 
+@pytest.mark.slow
 def test_precision_and_remat_reach_a_real_backbone_and_the_report(tmp_path, image, capsys):
     src = tmp_path / "face.png"
     save_image(src, image)
@@ -126,6 +128,7 @@ def test_precision_on_a_backbone_without_settings_is_one_clear_line(tmp_path, im
     assert not (tmp_path / "o" / "face_protected.png").exists()
 
 
+@pytest.mark.slow
 def test_sds_with_a_reference_video_still_moves_the_image(tmp_path, image, capsys):
     """With a reference video the video latents come from the clip, and frame 0 from the image: SDS, whose
     gradient reaches the image only through the video latents, still changes it."""

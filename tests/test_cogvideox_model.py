@@ -18,6 +18,8 @@ from anti_i2v_jax.backbones.cogvideox.transformer import (
     stack_blocks,
 )
 
+pytestmark = pytest.mark.slow  # not in the quick tier; the full suite (CI) runs it
+
 
 @pytest.fixture(scope="module")
 def tiny():

@@ -12,6 +12,8 @@ from fixtures import assert_close, load_case, output_params
 
 from weights_convert import cogvideox as convert_cogvideox
 
+pytestmark = pytest.mark.slow  # not in the quick tier; the full suite (CI) runs it
+
 # (B, C, T, H, W) <-> (B, T, H, W, C), and the transformer's (B, F, C, H, W) <-> (B, F, H, W, C)
 vae_in = lambda a: np.asarray(a).transpose(0, 2, 3, 4, 1)  # noqa: E731
 vae_out = lambda a: np.asarray(a).transpose(0, 4, 1, 2, 3)  # noqa: E731

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the live reference tests need the torch extra")
 diffusers = pytest.importorskip("diffusers", reason="the live reference tests need diffusers")
 
-pytestmark = pytest.mark.reference
+pytestmark = [pytest.mark.reference, pytest.mark.slow]  # slow: not in the quick tier
 
 TINY_VAE = dict(
     block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,

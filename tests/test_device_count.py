@@ -6,6 +6,8 @@ import pytest
 from anti_i2v_jax import cli
 from anti_i2v_jax.io import load_image, save_image
 
+pytestmark = pytest.mark.slow  # not in the quick tier; the full suite (CI) runs it
+
 RUN = ["--steps", "6", "--chunk-size", "3", "--quiet"]
 
 

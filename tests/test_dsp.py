@@ -54,6 +54,7 @@ def test_colour_gradients_are_finite_at_black_and_out_of_gamut():
     assert np.isfinite(jax.grad(lambda v: dsp.lab_to_rgb(v).sum())(lab)).all()
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(st.integers(0, 2**31), sizes)
 def test_global_dct_matches_scipy_and_inverts(seed, size):
@@ -94,6 +95,7 @@ def test_dct_step_scale_gives_the_requested_rms_change():
     assert float(jnp.sqrt(jnp.mean(change**2))) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("space", ["rgb", "lab", "dct"])
 def test_space_gradient_is_the_gradient_in_that_space(space):
     """The pull-back equals autodiff through the space's own parameterisation at zero offset."""

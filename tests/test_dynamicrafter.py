@@ -13,6 +13,8 @@ from fixtures import assert_close, case_dirs, load_case, output_params
 
 from anti_i2v_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # not in the quick tier; the full suite (CI) runs it
+
 try:
     import torch
 except ImportError:  # the .ckpt paths need the torch extra; the .safetensors ones do not
@@ -409,7 +411,7 @@ def test_full_size_512_shapes_match_the_key_list():
     assert report.mapped > 2400 and not report.missing
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_unet_remat_equals_plain():
     import dataclasses
 

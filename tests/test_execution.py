@@ -49,7 +49,7 @@ def _values_and_gradient(bb, x):
     return np.asarray(values), np.asarray(grad)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_blockwise_attention_equals_plain_through_the_backbone(tiny):
     x = _image()
     with attention_implementation("xla"):
@@ -61,7 +61,7 @@ def test_blockwise_attention_equals_plain_through_the_backbone(tiny):
     np.testing.assert_allclose(g_block, g_plain, rtol=1e-4, atol=1e-5 * np.abs(g_plain).max())
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["cogvideox-tiny", "opensora-tiny"])  # DynamiCrafter: test_unet_remat_equals_plain
 def test_remat_changes_nothing(name):
     tiny = load(name)
@@ -73,7 +73,7 @@ def test_remat_changes_nothing(name):
         np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6 * np.abs(g0).max())
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_bf16_agrees_with_fp32(tiny):
     """Bounds: each loss within 3% (the terms measured within 1.2%), gradient signs equal on > 95% of pixels."""
     x = _image(2)
@@ -85,6 +85,7 @@ def test_bf16_agrees_with_fp32(tiny):
     assert not np.array_equal(v16, v32)  # bf16 really ran
 
 
+@pytest.mark.slow
 def test_bf16_runs_the_networks_in_bf16(tiny):
     """No weight matmul or convolution stays in float32: only the image preprocessing (resize matrices
     applied to the float32 perturbed image) may."""

@@ -38,6 +38,7 @@ def _step_shapes(bb):
     return jax.eval_shape(run, bb.attack_params, x, jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 def test_every_shape_follows_the_geometry(tiny):
     want, latent = OTHER[tiny.name]
     bb = tiny.with_geometry(**want)
@@ -52,6 +53,7 @@ def test_every_shape_follows_the_geometry(tiny):
     assert noisy.x0.shape == latent and noisy.z_t.shape == latent
 
 
+@pytest.mark.slow
 def test_one_step_runs_at_another_geometry(tiny):
     """A real forward pass and diffusion loss at the new geometry (the denoiser's positions, masks, tables)."""
     want, _ = OTHER[tiny.name]
@@ -73,6 +75,7 @@ def test_one_step_runs_at_another_geometry(tiny):
     assert np.all(np.isfinite(np.asarray(grad))) and float(jnp.abs(grad).max()) > 0
 
 
+@pytest.mark.slow
 def test_fps_reaches_the_denoiser():
     """Open-Sora and DynamiCrafter are conditioned on fps / frame stride: another value, another prediction."""
     for name in ("opensora-tiny", "dynamicrafter-tiny"):
@@ -111,6 +114,7 @@ def test_a_geometry_the_model_cannot_take_names_the_nearest_valid_one(name, geom
         assert w in message, (w, message)
 
 
+@pytest.mark.slow
 def test_learned_position_table_fixes_the_size_but_not_the_frame_count():
     """CogVideoX-5b-I2V (v1.0) keeps its learned table at 480 x 720; its frame count may change (diffusers then
     adds a sincos table); 1.5's RoPE grid limits the size; every shape at real size by eval_shape."""
@@ -134,6 +138,7 @@ def test_learned_position_table_fixes_the_size_but_not_the_frame_count():
     assert pred.shape == bb.latent_shape
 
 
+@pytest.mark.slow
 def test_a_resume_at_another_geometry_is_another_run():
     from anti_i2v_jax.attack import AttackConfig, _fingerprint
 
@@ -146,6 +151,7 @@ def test_a_resume_at_another_geometry_is_another_run():
     assert a != _fingerprint(bb.with_geometry(fps=8), config, image, prompts=["p"])
 
 
+@pytest.mark.slow
 def test_cli_protect_and_generate_at_another_geometry(tmp_path, capsys):
     from anti_i2v_jax.cli import main
 
@@ -160,6 +166,7 @@ def test_cli_protect_and_generate_at_another_geometry(tmp_path, capsys):
     assert "(34 frames, opensora-tiny)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_bad_geometry_is_one_line_and_exit_2(tmp_path, capsys):
     from anti_i2v_jax.cli import main
 

@@ -13,6 +13,8 @@ import pytest
 
 from anti_i2v_jax.backbones import registry
 
+pytestmark = pytest.mark.slow  # not in the quick tier; the full suite (CI) runs it
+
 ROOT = Path(__file__).resolve().parents[1]
 REAL = [s.name for s in registry.specs() if s.needs_weights]
 
@@ -41,7 +43,7 @@ def test_released_dynamicrafter_presets_equal_the_yaml_files():
         assert released(r) == from_yaml(raw)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_memory_report_prints_every_field():
     out = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "memory_report.py"), "--backbones", "opensora-1.2", "--json"],

@@ -18,6 +18,8 @@ from weights_convert import __main__ as convert_main
 from weights_convert import opensora as conv
 from weights_convert.core import DictSource, convert
 
+pytestmark = pytest.mark.slow  # not in the quick tier; the full suite (CI) runs it
+
 STDIT_CONFIG = {
     "architectures": ["STDiT3"], "caption_channels": 4096, "class_dropout_prob": 0.1, "depth": 28,
     "drop_path": 0.0, "enable_flash_attn": False, "enable_layernorm_kernel": False,

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from fixtures import assert_close, load_case, output_params
 
+pytestmark = pytest.mark.slow  # not in the quick tier; the full suite (CI) runs it
+
 tr = lambda a: np.asarray(a).transpose(0, 2, 3, 4, 1)  # noqa: E731  (B, C, T, H, W) -> (B, T, H, W, C)
 back = lambda a: np.asarray(a).transpose(0, 4, 1, 2, 3)  # noqa: E731
 nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731

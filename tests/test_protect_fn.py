@@ -8,6 +8,8 @@ import pytest
 from anti_i2v_jax import AttackConfig, Protector, UserError, make_protect_fn
 from anti_i2v_jax.dsp import quantize
 
+pytestmark = pytest.mark.slow  # not in the quick tier; the full suite (CI) runs it
+
 
 def test_pure_fn_under_user_jit_and_vmap_matches_protect(backbone, image):
     config = AttackConfig(steps=4, chunk_size=2, prompt="a person")
