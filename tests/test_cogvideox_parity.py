@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,21 +45,22 @@ def cogvideox_outputs(case) -> dict[str, np.ndarray]:
 
     vae_taps = ("conv_in", *(f"down_blocks.{i}" for i in range(len(config.vae.block_out_channels))), "mid_block", "conv_out")
     vae = AutoencoderKLCogVideoX(config.vae, taps=vae_taps)
-    (mean, logvar), state = vae.apply(
-        {"params": params["vae"]}, vae_in(inp["image"][:, :, None]), method=vae.encode, mutable=["intermediates"]
-    )
+    # jitted: the same XLA ops as op by op, compiled once (eager dispatch of the VAE took most of the time)
+    encode_taps = jax.jit(lambda p, x: vae.apply(p, x, method=vae.encode, mutable=["intermediates"]))
+    encode = jax.jit(lambda p, x: vae.apply(p, x, method=vae.encode))
+    decode = jax.jit(lambda p, z: vae.apply(p, z, method=vae.decode))
+    (mean, logvar), state = encode_taps({"params": params["vae"]}, vae_in(inp["image"][:, :, None]))
     out["vae.image.posterior_mean"], out["vae.image.posterior_logvar"] = vae_out(mean), vae_out(logvar)
     for name in vae_taps:
         out[f"vae.enc.{name}"] = vae_out(state["intermediates"]["encoder"][f"tap:{name}"][0])
-    video_mean, _ = vae.apply({"params": params["vae"]}, vae_in(inp["video_for_encode"]), method=vae.encode)
+    video_mean, _ = encode({"params": params["vae"]}, vae_in(inp["video_for_encode"]))
     out["vae.video.posterior_mean"] = vae_out(video_mean)
-    out["vae.decode"] = vae_out(vae.apply({"params": params["vae"]}, vae_in(inp["latent_for_decode"]), method=vae.decode))
+    out["vae.decode"] = vae_out(decode({"params": params["vae"]}, vae_in(inp["latent_for_decode"])))
 
     # The adapter's I2V condition from each [0, 1] image (its resize is the identity at the model size).
-    image_latents = jnp.stack([
-        bb.condition(params, jnp.asarray((image.transpose(1, 2, 0) + 1.0) / 2.0), None)[0]["image_latents"]
-        for image in inp["image"]
-    ])
+    condition = jax.jit(lambda p, x: bb.condition(p, x, None)[0]["image_latents"])
+    image_latents = jnp.stack([condition(params, jnp.asarray((image.transpose(1, 2, 0) + 1.0) / 2.0))
+                               for image in inp["image"]])
     out["image_latents"] = tr_out(image_latents)
 
     f, h, w, _ = bb.latent_shape

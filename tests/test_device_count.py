@@ -20,7 +20,11 @@ def pair(tmp_path_factory):
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count=2)")
-@pytest.mark.parametrize("backbone", ["cogvideox-tiny", "opensora-tiny", "dynamicrafter-tiny"])
+@pytest.mark.parametrize("backbone", [
+    pytest.param("cogvideox-tiny", marks=pytest.mark.heavy),  # ~1-2 min each: beyond CI's time with the rest
+    "opensora-tiny",  # the one that differed (CI runs it)
+    pytest.param("dynamicrafter-tiny", marks=pytest.mark.heavy),
+])
 def test_two_devices_give_the_bytes_of_each_image_alone(tmp_path, pair, backbone):
     # Before the dispatch executor (one N-device shard_map program), opensora-tiny's second image differed by up
     # to 24 levels after 6 steps: XLA optimises the 2-device program differently and a few gradient signs flip.
