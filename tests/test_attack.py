@@ -164,7 +164,7 @@ def test_every_preset_moves_the_image_and_its_main_term_the_right_way(backbone, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+@pytest.mark.parametrize("mode", ["dispatch", "shard_map", "pmap"])
 def test_data_parallel_equals_one_by_one(backbone, image, mode):
     assert jax.device_count() >= 2, "conftest asks XLA for two host devices"
     second = np.ascontiguousarray(image[::-1, ::-1])

@@ -83,9 +83,9 @@ class Protector:
         prompts = list(prompts) if prompts is not None else [self.config.prompt] * len(images)
         if len(prompts) != len(images):
             raise UserError(f"got {len(prompts)} prompts for {len(images)} images")
-        n_dev = 1 if mode == "sequential" else (devices or jax.device_count())
-        if n_dev > jax.device_count():
-            raise UserError(f"asked for {n_dev} devices but JAX sees {jax.device_count()}")
+        n_dev = 1 if mode == "sequential" else (devices or jax.local_device_count())
+        if n_dev > jax.local_device_count():
+            raise UserError(f"asked for {n_dev} devices but this process has {jax.local_device_count()}")
         h, w = images[0].shape[:2]
         target_img = _prepare_target(target, (h, w), self.config.target_seed)
 
@@ -249,7 +249,7 @@ def protect_batch(
     images: Sequence[np.ndarray],
     config: AttackConfig | None = None,
     *,
-    mode: Mode = "shard_map",
+    mode: Mode = "dispatch",
     devices: int | None = None,
     prompts: Sequence[str] | None = None,
     target: np.ndarray | None = None,

@@ -27,7 +27,7 @@ def _executor(chunk: Callable, mode: Mode, n_devices: int) -> Callable:
     """
     if mode == "dispatch":
         one = jax.jit(chunk)
-        devices = jax.devices()[:n_devices]
+        devices = jax.local_devices()[:n_devices]  # this process's own (all of them when it runs alone)
         placed: dict[str, Any] = {}
 
         def run(params, x0, target, text, state):
@@ -50,6 +50,9 @@ def _executor(chunk: Callable, mode: Mode, n_devices: int) -> Callable:
             return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
         return run
+    if mode in ("pmap", "shard_map") and jax.process_count() > 1:
+        raise UserError(f"mode {mode!r} builds one program over this process's devices; with "
+                        f"{jax.process_count()} processes use 'dispatch'")
     if mode == "pmap":
         return jax.pmap(chunk, in_axes=(None, 0, None, 0, 0), devices=jax.devices()[:n_devices])
     if mode == "shard_map":
