@@ -97,6 +97,7 @@ def test_gradient_reaches_the_image_through_the_vae_and_transformer():
     assert np.isfinite(g).all() and np.abs(g).max() > 0
 
 
+@pytest.mark.heavy  # ~30-70 s end to end; the CLI, geometry and device tests cover the path in CI
 def test_quick_start_protects_the_bundled_portrait(tmp_path, capsys):
     """The README's main line: `anti-i2v protect examples/astronaut.png` on the default cogvideox-tiny."""
     from pathlib import Path

@@ -374,6 +374,7 @@ def _round_trip_equals(backbone, direct):
         backbone.encode_text(backbone.params, "a dog")
 
 
+@pytest.mark.heavy  # ~30-70 s end to end; the CLI, geometry and device tests cover the path in CI
 def test_protect_and_generate_on_dynamicrafter_tiny(tmp_path, capsys):
     from pathlib import Path
 
