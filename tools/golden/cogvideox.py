@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools" / "upstream"))
+from hooks import recorded  # noqa: E402  (shared by the generators)
+
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 TEXT_LEN = 8
 TEXT_DIM = 32
@@ -204,29 +207,6 @@ def make_inputs(spec: dict, geo: dict) -> dict:
 
 
 @contextlib.contextmanager
-def hooks(modules: dict, store: dict, pick=None):
-    """Forward hooks storing (a copy of) each named module's output, first call only."""
-    handles = []
-
-    def make(name):
-        def hook(_module, _args, output):
-            if name in store:
-                return
-            v = pick(name, output) if pick else output
-            store[name] = v.detach().clone()
-
-        return hook
-
-    try:
-        for name, m in modules.items():
-            handles.append(m.register_forward_hook(make(name)))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
 def posterior_mean():
     """The I2V pipeline's retrieve_latents returns latent_dist.mode() (= mean) instead of a sample."""
     import diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video as mod
@@ -259,7 +239,7 @@ def compute(pipe, inp: dict, geo: dict, dtype=None) -> tuple[dict, dict]:
         mods.update({f"vae.enc.down_blocks.{i}": m for i, m in enumerate(enc.down_blocks)})
         mods.update({"vae.enc.mid_block": enc.mid_block, "vae.enc.conv_out": enc.conv_out})
         taps: dict = {}
-        with hooks(mods, taps, pick=lambda _n, o: o[0] if isinstance(o, tuple) else o):
+        with recorded(mods, taps, keep=lambda _n, o: o[0] if isinstance(o, tuple) else o):
             dist = vae.encode(x["image"].unsqueeze(2)).latent_dist
         out["vae.image.posterior_mean"], out["vae.image.posterior_logvar"] = dist.mean, dist.logvar
         out.update(taps)
@@ -303,9 +283,9 @@ def compute(pipe, inp: dict, geo: dict, dtype=None) -> tuple[dict, dict]:
             blocks[f"transformer.block_hidden_states.{i}"] = blk
         taps = {}
         enc_taps = {}
-        with hooks(blocks, taps, pick=lambda _n, o: o[0]), \
-                hooks({k.replace("block_hidden", "block_encoder_hidden"): m for k, m in blocks.items()}, enc_taps,
-                      pick=lambda _n, o: o[1]):
+        with recorded(blocks, taps, keep=lambda _n, o: o[0]), \
+                recorded({k.replace("block_hidden", "block_encoder_hidden"): m for k, m in blocks.items()}, enc_taps,
+                         keep=lambda _n, o: o[1]):
             sample = tr(hidden_states=torch.cat([out["x_t"], image_latents], dim=2),
                         encoder_hidden_states=x["prompt_embeds"], timestep=t, ofs=ofs, image_rotary_emb=rotary,
                         return_dict=False)[0]

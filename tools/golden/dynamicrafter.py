@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools" / "upstream"))
+from hooks import recorded, version  # noqa: E402  (shared by the generators)
+
 UPSTREAM_COMMIT = "c453369"
 T_FRAMES = 4
 TEXT_CTX = 77
@@ -242,29 +245,6 @@ def make_inputs(seed: int, config: dict, image_hw, t: int, fs: int, aa_hw) -> di
 
 
 @contextlib.contextmanager
-def hooks(modules: dict, store: dict, transpose=(), first_only=True):
-    """Forward hooks storing each named module's output (a copy) under its name."""
-    handles = []
-
-    def make(name):
-        def hook(_module, _args, output):
-            if first_only and name in store:
-                return
-            v = output.detach().clone()
-            store[name] = v.transpose(0, 1) if name in transpose else v
-
-        return hook
-
-    try:
-        for name, m in modules.items():
-            handles.append(m.register_forward_hook(make(name)))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
 def posterior_mode():
     """DiagonalGaussianDistribution.sample() returns the mean (deterministic z0)."""
     from lvdm.distributions import DiagonalGaussianDistribution as D
@@ -308,7 +288,7 @@ def compute(model, inp: dict, settings: dict) -> tuple[dict, dict]:
             mods[f"vae.enc.down.{i}"] = level.downsample if i != len(enc.down) - 1 else level.block[-1]
         mods.update({"vae.enc.mid": enc.mid.block_2, "vae.enc.conv_out": enc.conv_out})
         taps: dict = {}
-        with hooks(mods, taps):
+        with recorded(mods, taps):
             posterior = vae.encode(image)
         out["vae.posterior_mean"], out["vae.posterior_logvar"] = posterior.mean, posterior.logvar
         out.update(taps)
@@ -320,7 +300,7 @@ def compute(model, inp: dict, settings: dict) -> tuple[dict, dict]:
         blocks = emb.model.visual.transformer.resblocks
         taps = {}
         names = [f"clip_image.block.{i}" for i in range(len(blocks))]
-        with hooks(dict(zip(names, blocks)), taps, transpose=names):
+        with recorded(dict(zip(names, blocks)), taps, keep=lambda n, o: o.transpose(0, 1) if n in names else o):
             tokens = emb(image)
         out["clip_image.tokens"] = tokens
         out.update(taps)
@@ -333,7 +313,7 @@ def compute(model, inp: dict, settings: dict) -> tuple[dict, dict]:
         used = len(blocks) - text.layer_idx
         names = [f"text.block.{i}" for i in range(used)]
         taps = {}
-        with hooks(dict(zip(names, list(blocks)[:used])), taps, transpose=names):
+        with recorded(dict(zip(names, list(blocks)[:used])), taps, keep=lambda n, o: o.transpose(0, 1) if n in names else o):
             out["text.context"] = text.encode_with_transformer(x["text_tokens"])
         out.update(taps)
         # (6) unconditional
@@ -364,7 +344,7 @@ def compute(model, inp: dict, settings: dict) -> tuple[dict, dict]:
         mods.update({f"unet.output_blocks.{i}": m for i, m in enumerate(unet.output_blocks)})
         mods["unet.out"] = unet
         taps = {}
-        with hooks(mods, taps):
+        with recorded(mods, taps):
             loss, _ = model.p_losses(x_start, cond, t, noise=noise, fs=fs)
         out.update(taps)
         out["loss"] = loss
@@ -655,7 +635,7 @@ def generate(args) -> None:
     meta = {
         "backbone": "dynamicrafter",
         "component": "LatentVisualDiffusion end to end: AutoencoderKL (encoder taps, posterior, decode), FrozenOpenCLIPImageEmbedderV2 + Resampler, FrozenOpenCLIPEmbedder (penultimate), 3D UNet (block taps), training loss, DDIM with CFG",
-        "upstream": f"Doubiiu/DynamiCrafter @ {UPSTREAM_COMMIT} (github.com/Doubiiu/DynamiCrafter), open-clip-torch {_version('open_clip_torch')}, kornia {_version('kornia')}",
+        "upstream": f"Doubiiu/DynamiCrafter @ {UPSTREAM_COMMIT} (github.com/Doubiiu/DynamiCrafter), open-clip-torch {version('open_clip_torch')}, kornia {version('kornia')}",
         "checkpoint": "model.ckpt",
         "checkpoint_files": {
             "model.ckpt": "torch.save({'state_dict': OrderedDict}) - a Lightning-style file; load with torch.load(..., map_location='cpu')['state_dict'] (plain tensors, weights_only=True works).",
@@ -663,7 +643,7 @@ def generate(args) -> None:
             "config.yaml": f"model config in the shape of configs/inference_{style}_v1.0.yaml.",
         },
         "checkpoint_notes": ckpt_notes,
-        "call": (f"Upstream Doubiiu/DynamiCrafter @ {UPSTREAM_COMMIT} (open-clip-torch {_version('open_clip_torch')}, kornia {_version('kornia')}, torch {torch.__version__}, CPU, float32, no autocast, no xformers; tools/upstream/stubs.py import stand-ins). "
+        "call": (f"Upstream Doubiiu/DynamiCrafter @ {UPSTREAM_COMMIT} (open-clip-torch {version('open_clip_torch')}, kornia {version('kornia')}, torch {torch.__version__}, CPU, float32, no autocast, no xformers; tools/upstream/stubs.py import stand-ins). "
                  "Written by tools/golden/dynamicrafter.py. Model: lvdm.models.ddpm3d.LatentVisualDiffusion built by utils.utils.instantiate_from_config from config.yaml (with params.arch of the two OpenCLIP stages registered in open_clip.factory._MODEL_CONFIGS, version None, use_checkpoint False), eval mode, weights loaded strictly from model.ckpt with scripts/evaluation/inference.py:load_model_checkpoint. "
                  f"Everything under torch.no_grad(). Style: {style_words}. Steps: (1) VAE-encode `image` (taps, posterior); (2) z0 = encode_first_stage of the image repeated T times with mode() instead of sample(); (3) decode `latent_for_decode`; (4) CLIP image tokens + block taps, Resampler; (5) text context (penultimate) from tokens; (6) unconditional text/image context; (7) p_losses at the given t and noise with UNet taps (forward hooks, first call); (8) DDIM runs with CFG (lvdm.models.samplers.ddim.DDIMSampler, its register_buffer overridden to keep tensors on the CPU instead of moving them to CUDA). "
                  "Weights: see checkpoint_notes."),
@@ -756,15 +736,6 @@ def _unet_out(model, inp, ablate):
                 p[0].data.copy_(p[1])
             else:
                 p.remove()
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import version
-
-    try:
-        return version(dist)
-    except Exception:  # noqa: BLE001
-        return "?"
 
 
 def check(args) -> None:

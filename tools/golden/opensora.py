@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools" / "upstream"))
+from hooks import recorded, version  # noqa: E402  (shared by the generators)
+
 DEFAULT_UPSTREAM = Path("/work/scratch/opensora-src")
 UPSTREAM = "hpcaitech/Open-Sora @ v1.2.0 = 17cce90 (github.com/hpcaitech/Open-Sora)"
 TOL = {"atol": 1e-4, "rtol": 1e-4}  # as the public case opensora/tiny-stdit3
@@ -246,26 +249,6 @@ def make_inputs(seed: int, spec: dict) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
-def hooks(modules: dict, store: dict):
-    """Forward hooks appending a copy of each named module's output, call by call, to store[name]."""
-    handles = []
-
-    def make(name):
-        def hook(_module, _args, output):
-            store.setdefault(name, []).append(output.detach().clone())
-
-        return hook
-
-    try:
-        for name, m in modules.items():
-            handles.append(m.register_forward_hook(make(name)))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
 def posterior_means():
     """Both Gaussian posteriors (diffusers, opensora.models.vae.utils) return their mean from sample()."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as D1
@@ -323,7 +306,7 @@ def compute(stdit, vae, inp: dict, settings: dict) -> tuple[dict, dict]:
                      "vae.temporal.quant_conv": tv.quant_conv})
         image = x["image"][:, :, None]
         taps: dict = {}
-        with hooks(mods, taps):
+        with recorded(mods, taps, every_call=True):
             out["vae.image.spatial_mean"] = vae.spatial_vae.encode(image)
             out["vae.image.latent"] = vae.encode(image)
         for name in mods:  # the spatial modules ran twice (same input): keep the first call
@@ -348,7 +331,7 @@ def compute(stdit, vae, inp: dict, settings: dict) -> tuple[dict, dict]:
         pre = stdit.register_forward_pre_hook(lambda _m, args: x_t_seen.append(args[0].detach().clone()))
         taps = {}
         try:
-            with hooks(smods, taps):
+            with recorded(smods, taps, every_call=True):
                 loss = scheduler.training_losses(stdit, x["video_latents"], model_kwargs=model_kwargs,
                                                  noise=x["noise"], mask=x["x_mask"], t=x["t"])["loss"]
         finally:
@@ -727,7 +710,7 @@ def generate(args) -> None:
     meta = {
         "backbone": "opensora",
         "component": f"Open-Sora v1.2 end to end with batch {spec['B']} and per-sample t, fps, caption length and x_mask: VideoAutoencoderPipeline (SDXL-layout AutoencoderKL + VAE_Temporal; encoder taps, image/video encode with posterior means, two-chunk decode), STDiT3 (output + per-block taps), rectified-flow training loss with per-sample image-conditioning x_mask, RFLOW sampler with CFG and mask strategy",
-        "upstream": f"{UPSTREAM}; diffusers {_version('diffusers')}, transformers {_version('transformers')}, torch {torch.__version__}",
+        "upstream": f"{UPSTREAM}; diffusers {version('diffusers')}, transformers {version('transformers')}, torch {torch.__version__}",
         "checkpoint": ".",
         "checkpoint_files": CHECKPOINT_FILES,
         "architecture": architecture(),
@@ -770,15 +753,6 @@ def generate(args) -> None:
             f.chmod(0o644)
     print(json.dumps({"dir": str(out_dir), "sizes": sizes, "noise_top": top, "bitwise_rerun": bitwise,
                       "outputs": len(out), "timesteps": visited["timesteps"]}, indent=1))
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import version
-
-    try:
-        return version(dist)
-    except Exception:  # noqa: BLE001
-        return "?"
 
 
 def check(args) -> None:
