@@ -1,7 +1,7 @@
 """OpenCLIP's transformer (``open_clip.transformer.Transformer``, v2.22) in Flax, batch first.
 
 Pre-LN residual blocks: ``x + out_proj(MHA(ln_1 x))`` then ``x + c_proj(GELU(c_fc(ln_2 x)))``, LayerNorm eps
-1e-5, exact GELU. The packed ``in_proj_weight`` (3W, W) keeps PyTorch's layout and name, so a checkpoint
+1e-5 (settable: a Hugging Face ``ViTModel`` is the same block with its own eps), exact GELU. The packed ``in_proj_weight`` (3W, W) keeps PyTorch's layout and name, so a checkpoint
 loads by rename only. Block outputs are sown as ``tap:i`` when asked for.
 """
 
@@ -41,11 +41,12 @@ class Transformer(nn.Module):
     heads: int
     mlp_ratio: float = 4.0
     taps: tuple[int, ...] = ()
+    eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x, mask=None, run: int | None = None):
         for i in range(self.layers if run is None else run):
-            x = _Block(self.width, self.heads, self.mlp_ratio, name=f"resblocks_{i}")(x, mask)
+            x = _Block(self.width, self.heads, self.mlp_ratio, self.eps, name=f"resblocks_{i}")(x, mask)
             if i in self.taps:
                 self.sow("intermediates", f"tap:{i}", x)
         return x
@@ -55,10 +56,11 @@ class _Block(nn.Module):
     width: int
     heads: int
     mlp_ratio: float
+    eps: float
 
     @nn.compact
     def __call__(self, x, mask=None):
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)  # noqa: E731
+        ln = lambda name: nn.LayerNorm(epsilon=self.eps, use_fast_variance=False, name=name)  # noqa: E731
         x = x + MultiheadAttention(self.width, self.heads, name="attn")(ln("ln_1")(x), mask)
         return x + _Mlp(self.width, self.mlp_ratio, name="mlp")(ln("ln_2")(x))
 
