@@ -235,3 +235,45 @@ def test_suite_uses_the_given_models(tmp_path, astronaut):
     assert (scores["qalign_frame"], scores["qalign_video"]) == (0.25, 0.5)
     by_photo = Evaluator(EvalSettings(dino=tmp_path / "vit", dino_reference="clean-photo"))
     assert by_photo.video(astronaut, video, video)["dino"] < 1.0 - 1e-4  # the flipped frame differs from the photo
+
+
+# ------------------------------------------------------------------------------------------ purification
+
+
+def test_purifications_and_survival(astronaut):
+    from scipy import ndimage
+
+    from anti_i2v_jax.eval.purify import PURIFICATIONS, gaussian_blur, survival
+
+    want = np.rint(ndimage.gaussian_filter(astronaut.astype(np.float64), sigma=(1, 1, 0), truncate=2.0, mode="mirror"))
+    np.testing.assert_array_equal(gaussian_blur(astronaut), want.astype(np.uint8))
+    for name, fn in PURIFICATIONS.items():
+        out = fn(astronaut)
+        assert out.shape == astronaut.shape and out.dtype == np.uint8, name
+    noisy = _noisy(astronaut, 8)
+    assert survival(astronaut, noisy, PURIFICATIONS["none"]) == {"kept": 1.0, "energy": 1.0}
+    assert survival(astronaut, noisy, lambda x: astronaut) == {"kept": 0.0, "energy": 0.0}
+    assert 0.0 < survival(astronaut, noisy, PURIFICATIONS["jpeg50"])["kept"] < 0.5  # white noise mostly goes
+    with pytest.raises(ValueError, match="no perturbation"):
+        survival(astronaut, astronaut, PURIFICATIONS["blur"])
+
+
+def test_directional_perturbations_live_in_their_space(astronaut):
+    from anti_i2v_jax.eval.purify import (
+        PURIFICATIONS,
+        directional_perturbation,
+        survival,
+    )
+
+    photo = astronaut[128:384, 128:384]
+    made = {s: directional_perturbation(photo, s, steps=24, eps=8 / 255) for s in ("rgb", "lab", "dct")}
+    for space, p in made.items():
+        assert np.abs(p.astype(int) - photo.astype(int)).max() == 8, space  # the budget, exactly
+    dlab = image.rgb_to_lab(made["lab"]) - image.rgb_to_lab(photo)
+    assert np.abs(dlab[..., 0]).mean() < 0.2 * np.abs(dlab[..., 1:]).mean()  # a*/b* moved, L* barely
+    spectrum = lambda d: np.abs(np.fft.fft2(d.astype(float) - 0, axes=(0, 1)))  # noqa: E731
+    high = lambda p: spectrum(p.astype(int) - photo.astype(int))[64:192, 64:192].sum() / spectrum(  # noqa: E731
+        p.astype(int) - photo.astype(int)).sum()
+    assert high(made["dct"]) < 0.5 * high(made["rgb"])  # the DCT band is low frequency
+    blur = PURIFICATIONS["blur"]
+    assert survival(photo, made["dct"], blur)["kept"] > 2 * survival(photo, made["rgb"], blur)["kept"]

@@ -99,3 +99,24 @@ def test_the_reproduce_command_on_all_tiny_backbones(tmp_path):
     assert len(rows) == 3 * 6
     for name in ("cogvideox-tiny", "opensora-tiny", "dynamicrafter-tiny"):
         assert (out / name / "astronaut" / "strip.png").exists()
+
+
+def test_robustness_model_free_and_with_a_backbone(tmp_path, capsys):
+    robustness = _script("robustness")
+    out = tmp_path / "out"
+    argv = ["--images", str(EXAMPLES), "--out", str(out), "--steps", "2", "--quiet"]
+    assert robustness.main([*argv, "--purifications", "jpeg50,blur"]) == 0
+    rows = _rows(out / "survival.csv")
+    assert {(r["space"], r["purification"]) for r in rows} == {
+        (s, p) for s in ("rgb", "lab", "dct", "alternate") for p in ("jpeg50", "blur")}
+    assert all(0.0 < float(r["kept"]) < 1.0 for r in rows)
+    assert (out / "survival.png").exists() and "| DCT (low band) |" in (out / "survival.md").read_text()
+
+    assert robustness.main([*argv, "--backbones", "opensora-tiny", "--methods", "advdm", "--gen-steps", "1",
+                            "--purifications", "none,jpeg50"]) == 0
+    rows = _rows(out / "robustness.csv")
+    assert [r["method"] for r in rows] == ["advdm + none", "advdm + jpeg50"]
+    assert float(rows[0]["linf"]) == 16 and float(rows[1]["linf"]) > 16  # JPEG moves the photo further
+    assert "| opensora-tiny | advdm + jpeg50 |" in (out / "robustness.md").read_text()
+    assert robustness.main([*argv, "--purifications", "jpeg5"]) == 2
+    assert "unknown purification" in capsys.readouterr().err
