@@ -184,8 +184,9 @@ def save_strip(path: Path, photos: dict[str, object], videos: dict[str, object],
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    """The whole evaluation; returns the CSV rows."""
+def run(args: argparse.Namespace, variants: dict[str, dict] | None = None) -> list[dict]:
+    """The whole evaluation; returns the CSV rows. ``variants`` (name -> {"method": preset, "overrides": {...}})
+    replaces ``--methods`` with configurations of one's own (the ablation's ladder)."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -194,12 +195,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     from anti_i2v_jax.eval.suite import EvalSettings, Evaluator
 
     backbones = [b for b in args.backbones.split(",") if b]
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m != "clean" and m not in ai.METHODS]
+    variants = variants or {m: {"method": m} for m in args.methods.split(",") if m and m != "clean"}
+    methods = [*variants, "clean"]
+    unknown = sorted({v["method"] for v in variants.values()} - set(ai.METHODS))
     if unknown:
         raise ai.UserError(f"unknown method(s) {unknown}; choose from clean, {', '.join(ai.METHODS)}")
-    if "clean" not in methods:
-        methods.append("clean")  # every table needs its clean row
     if args.steps < 1 or args.eps <= 0:
         raise ai.UserError("--steps must be at least 1 and --eps positive")
     weights = parse_weights(args.weights)
@@ -230,8 +230,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 elif png.exists():
                     photo = io.load_image(png)
                 else:
-                    config = ai.AttackConfig.for_method(method, eps=args.eps / 255.0, steps=args.steps,
-                                                        seed=args.seed, prompt=prompt)
+                    spec = variants[method]
+                    config = ai.AttackConfig.for_method(spec["method"], eps=args.eps / 255.0, steps=args.steps,
+                                                        seed=args.seed, prompt=prompt, **spec.get("overrides", {}))
                     photo = ai.protect(backbone, clean, config, checkpoint_dir=out / ".state" / name / stem / method).image
                     io.save_image(png, photo, protect=inputs)
                 npz = folder / f"{method}_video.npz"

@@ -112,10 +112,10 @@ class TinyBackbone:
         cond = jnp.concatenate([latent, jnp.zeros((FRAMES - 1, *latent.shape[1:]))], 0)
         return cond, taps
 
-    def add_noise(self, params, cond, key):
+    def add_noise(self, params, cond, key, *, t=None):
         k_t, k_eps = jax.random.split(key)
         x0 = jnp.repeat(cond[:1], FRAMES, axis=0)
-        t = jax.random.randint(k_t, (), 0, NUM_TIMESTEPS)
+        t = jax.random.randint(k_t, (), 0, NUM_TIMESTEPS) if t is None else jnp.asarray(t, jnp.int32)
         alpha_bar = jnp.cumprod(1.0 - jnp.linspace(1e-4, 0.02, NUM_TIMESTEPS))[t]
         eps = jax.random.normal(k_eps, x0.shape)
         z_t = jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1.0 - alpha_bar) * eps

@@ -120,3 +120,54 @@ def test_robustness_model_free_and_with_a_backbone(tmp_path, capsys):
     assert "| opensora-tiny | advdm + jpeg50 |" in (out / "robustness.md").read_text()
     assert robustness.main([*argv, "--purifications", "jpeg5"]) == 2
     assert "unknown purification" in capsys.readouterr().err
+
+
+def test_layer_pca_grids_displacement_and_history(tmp_path, capsys):
+    import json
+
+    from anti_i2v_jax.io import save_image
+
+    layer_pca = _script("layer_pca")
+    photo = load_image(EXAMPLES / "astronaut.png")
+    rng = np.random.default_rng(0)
+    protected = np.clip(photo.astype(int) + rng.integers(-16, 17, photo.shape), 0, 255).astype(np.uint8)
+    save_image(tmp_path / "p.png", protected)
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"history": {"dm": [1.0, 0.5, 0.25], "ira": [0.1, 0.2, 0.3], "total": [0, 0, 0]}}))
+    out = tmp_path / "out"
+    assert layer_pca.main(["--image", str(EXAMPLES / "astronaut.png"), "--out", str(out), "--backbone",
+                           "dynamicrafter-tiny", "--timesteps", "100,900", "--protected", str(tmp_path / "p.png"),
+                           "--report", str(report)]) == 0
+    assert {p.name for p in out.iterdir()} == {"pca_t100.png", "pca_t900.png", "displacement.csv",
+                                               "displacement.png", "history.png"}
+    rows = _rows(out / "displacement.csv")
+    assert len(rows) == 2 * 9 and all(float(r["displacement"]) > 0 for r in rows)  # 9 U-Net blocks, 2 timesteps
+    assert sum(int(r["irc_layer"]) for r in rows) > 0
+    assert layer_pca.main(["--image", str(EXAMPLES / "astronaut.png"), "--out", str(out), "--backbone",
+                           "dynamicrafter-tiny", "--layers", "99"]) == 2
+    assert "blocks 0-8" in capsys.readouterr().err
+
+
+def test_layer_pca_token_layout():
+    layer_pca = _script("layer_pca")
+    assert layer_pca.token_grid(48, (3, 8, 8, 16)) == (3, 4, 4)  # CogVideoX: 2x2 patches
+    assert layer_pca.token_grid(3 * 16, (5, 8, 8, 16)) == (3, 4, 4)  # 1.5: frames patched by 2, padded to even
+    with pytest.raises(ValueError):
+        layer_pca.token_grid(7, (3, 8, 8, 16))
+    f = np.random.default_rng(0).normal(size=(2, 4, 4, 8)).astype(np.float32)
+    a, b = layer_pca.pca_images(f, f)
+    assert a.shape == (2, 4, 4, 3) and a.dtype == np.uint8 and (a == b).all()
+    assert a.min() == 0 and a.max() == 255
+
+
+def test_ablation_ladder(tmp_path):
+    ablation = _script("ablation")
+    assert list(ablation.variants(["full", "rgb"])) == ["rgb", "full"]  # ladder order
+    assert ablation.LADDER["dual"]["schedule"] == "alternate"
+    out = tmp_path / "out"
+    assert ablation.main(["--images", str(EXAMPLES), "--out", str(out), "--backbones", "opensora-tiny",
+                          "--rungs", "dct,lab", "--steps", "2", "--gen-steps", "1", "--quiet"]) == 0
+    rows = _rows(out / "results.csv")
+    assert [r["method"] for r in rows] == ["clean", "lab", "dct"]  # ladder order, whatever the order given
+    assert float(rows[1]["linf"]) > 0 and float(rows[2]["linf"]) > 0
+    assert ablation.main(["--images", str(EXAMPLES), "--out", str(out), "--rungs", "rgbb"]) == 2

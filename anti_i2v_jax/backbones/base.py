@@ -119,8 +119,9 @@ class Backbone(Protocol):
         """
         ...
 
-    def add_noise(self, params: Params, cond: Any, key: jax.Array) -> Noisy:
-        """Clean video latents from ``cond`` noised at a timestep drawn with ``key``."""
+    def add_noise(self, params: Params, cond: Any, key: jax.Array, *, t: jax.Array | None = None) -> Noisy:
+        """Clean video latents from ``cond`` noised at a timestep drawn with ``key`` (or at ``t``, in the
+        backbone's own timestep units, when given: the layer analysis looks at chosen timesteps)."""
         ...
 
     def denoise(

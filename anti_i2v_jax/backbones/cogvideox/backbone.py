@@ -173,11 +173,13 @@ class CogVideoXBackbone(AdapterDefaults):
             taps["latent"] = image
         return cond, taps
 
-    def add_noise(self, params, cond, key) -> Noisy:
+    def add_noise(self, params, cond, key, *, t=None) -> Noisy:
         k_t, k_eps = jax.random.split(key)
         ac = scheduler.alphas_cumprod(self.config.scheduler)
         x0 = cond["video_latents"]
-        t = jax.random.randint(k_t, (), 0, self.config.scheduler.num_train_timesteps)
+        if t is None:
+            t = jax.random.randint(k_t, (), 0, self.config.scheduler.num_train_timesteps)
+        t = jnp.asarray(t, jnp.int32)
         eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
         return Noisy(
             x0=x0, z_t=scheduler.add_noise(ac, x0, eps, t), t=t, target=scheduler.get_velocity(ac, x0, eps, t)

@@ -170,10 +170,10 @@ class DynamiCrafterBackbone(AdapterDefaults):
         clean = video if self.reference_latents is None else jnp.asarray(self.reference_latents).at[0].set(z)
         return {"c_concat": video, "video_latents": clean, "image_tokens": self.image_tokens(params, img)}, out
 
-    def add_noise(self, params, cond, key) -> Noisy:
+    def add_noise(self, params, cond, key, *, t=None) -> Noisy:
         k_t, k_eps = jax.random.split(key)
         cfg = self.config.diffusion
-        t = jax.random.randint(k_t, (), 0, cfg.timesteps)
+        t = jax.random.randint(k_t, (), 0, cfg.timesteps) if t is None else jnp.asarray(t, jnp.int32)
         x0 = dm.rescale_x0(self.tables, cond["video_latents"], t)
         eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
         return Noisy(x0=x0, z_t=dm.q_sample(self.tables, x0, eps, t), t=t, target=dm.target(cfg, self.tables, x0, eps, t))

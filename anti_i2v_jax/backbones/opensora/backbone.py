@@ -167,11 +167,13 @@ class OpenSoraBackbone(AdapterDefaults):
         video = video.at[0].set(z[0])  # frame 0 is always the image
         return {"image_latent": z, "video_latents": video}, out
 
-    def add_noise(self, params, cond, key) -> Noisy:
+    def add_noise(self, params, cond, key, *, t=None) -> Noisy:
         k_t, k_eps = jax.random.split(key)
         cfg = self.config
         x0 = cond["video_latents"]
-        t = rflow.sample_training_t(k_t, cfg.height, cfg.width, cfg.num_frames)
+        if t is None:
+            t = rflow.sample_training_t(k_t, cfg.height, cfg.width, cfg.num_frames)
+        t = jnp.asarray(t, jnp.float32)
         eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
         x_t = jnp.where(self.x_mask[:, None, None, None], rflow.add_noise(x0, eps, t), x0)
         return Noisy(x0=x0, z_t=x_t, t=t, target=rflow.velocity(x0, eps))
