@@ -203,6 +203,10 @@ def test_qalign_scoring_rules():
     assert qalign.sample_1fps(49, 8) == [0, 8, 16, 24, 32, 40]  # CogVideoX: 49 frames at 8 fps -> 6 s
     assert qalign.sample_1fps(51, 24) == [0, 24]
     assert qalign.sample_1fps(16, 24) == [0]  # under a second: the first frame, not nothing
+    # The model's own 1-5 score (softmax weighted 5..1) maps onto the same [0, 1] value.
+    five = p @ [5, 4, 3, 2, 1]
+    assert qalign.from_five_point(five) == pytest.approx(qalign.score_from_logits(z))
+    assert [qalign.playback_fps(b) for b in ("cogvideox-5b-i2v", "opensora-1.2", "dynamicrafter-512")] == [8, 24, 8]
     img = np.full((2, 4, 3), 200, np.uint8)
     sq = qalign.pad_to_square(img)
     assert sq.shape == (4, 4, 3) and (sq[1:3] == 200).all()

@@ -49,3 +49,18 @@ def sample_1fps(num_frames: int, fps: float) -> list[int]:
         raise ValueError(f"need frames and a positive fps, got {num_frames} frames at {fps}")
     seconds = int(num_frames / fps)
     return [int(fps * i) for i in range(seconds)] or [0]
+
+
+def from_five_point(score: np.ndarray | float) -> np.ndarray | float:
+    """Q-Align's own 1-5 score (softmax weighted [5, 4, 3, 2, 1], what ``model.score`` returns) on the [0, 1]
+    scale of :func:`score_from_logits` and of the paper's table: ``(s - 1) / 4``."""
+    return (np.asarray(score, np.float64) - 1.0) / 4.0
+
+
+# Playback frame rate of each backbone's videos (what its reference pipeline saves them at), for 1-fps sampling.
+PLAYBACK_FPS = {"cogvideox": 8, "opensora": 24, "dynamicrafter": 8}
+
+
+def playback_fps(backbone: str) -> int:
+    """The playback fps of a backbone's videos by its registry name (8 when unknown)."""
+    return next((v for k, v in PLAYBACK_FPS.items() if backbone.startswith(k)), 8)
