@@ -60,6 +60,9 @@ class DlibFaces:
             if not path.is_file():
                 raise MetricUnavailable(f"dlib model file {path} is missing")
         self.settings = settings
+        self._landmarks68_file = folder / "shape_predictor_68_face_landmarks.dat"
+        self._landmarks68 = None
+        self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
         self._shape = dlib.shape_predictor(str(files["shape"]))
         self._descriptor = dlib.face_recognition_model_v1(str(files["descriptor"]))
@@ -81,6 +84,19 @@ class DlibFaces:
         img = np.ascontiguousarray(image[..., :3])
         shape = self._shape(img, found[0])
         return np.asarray(self._descriptor.compute_face_descriptor(img, shape, 0, self.settings.chip_padding))
+
+    def landmarks(self, image: np.ndarray) -> np.ndarray | None:
+        """The 68 iBUG landmarks (68, 2) of the image's top face, or None. The 68-point model ships with
+        face-recognition-models under the iBUG 300-W terms (research use)."""
+        found = self.detect(image)
+        if found is None:
+            return None
+        if self._landmarks68 is None:
+            if not self._landmarks68_file.is_file():
+                raise MetricUnavailable(f"dlib model file {self._landmarks68_file} is missing")
+            self._landmarks68 = self._dlib.shape_predictor(str(self._landmarks68_file))
+        shape = self._landmarks68(np.ascontiguousarray(image[..., :3]), found[0])
+        return np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float64)
 
 
 @functools.cache

@@ -30,7 +30,7 @@ from anti_i2v_jax.eval.identity import (
 # name -> (table heading, one-line definition)
 PAPER_METRICS: dict[str, tuple[str, str]] = {
     "ism": ("ISM", "ArcFace cosine of each frame's face to the clean photo's, mean over frames with a face"),
-    "cfiqa": ("C-FIQA", "CR-FIQA face-image quality of the frames"),
+    "cfiqa": ("C-FIQA", "CR-FIQA quality score of the frames' aligned faces, mean over frames with a face"),
     "qalign_frame": ("Q-A(F)", "Q-Align image quality, mean over frames, in [0, 1]"),
     "qalign_video": ("Q-A(V)", "Q-Align video quality at 1 fps, in [0, 1]"),
     "dino": ("DINO", "DINO ViT-S/16 CLS cosine to the clean reference, mean over frames"),
@@ -63,6 +63,8 @@ class EvalSettings:
     # "clean-photo": every frame against the clean photo.
     dino_reference: Literal["clean-video", "clean-photo"] = "clean-video"
     dlib: DlibSettings = DlibSettings()
+    cfiqa: str | Path | None = None  # a CR-FIQA backbone.pth
+    cfiqa_arch: str = "iresnet50"  # iresnet50: CR-FIQA (S); iresnet100: CR-FIQA (L)
     qalign: Mapping[str, Mapping[str, float]] | None = None  # video file name -> {"qalign_frame", "qalign_video"}
 
 
@@ -73,6 +75,7 @@ class Evaluator:
         self.settings = settings
         self._faces: DlibFaces | Missing | None = None
         self._dino: Any = None
+        self._cfiqa: Any = None
 
     @property
     def faces(self) -> DlibFaces | Missing:
@@ -95,6 +98,21 @@ class Evaluator:
                 self._dino = Dino(self.settings.dino)
         return self._dino
 
+    @property
+    def cfiqa(self):
+        if self._cfiqa is None:
+            faces = self.faces
+            if self.settings.cfiqa is None:
+                self._cfiqa = Missing("give a local CR-FIQA backbone.pth with --cfiqa (and --cfiqa-arch iresnet100 "
+                                      "for CR-FIQA (L))")
+            elif isinstance(faces, Missing):
+                self._cfiqa = Missing(f"C-FIQA aligns faces with dlib: {faces.reason}")
+            else:
+                from anti_i2v_jax.eval.face_quality import CrFiqa
+
+                self._cfiqa = CrFiqa(self.settings.cfiqa, self.settings.cfiqa_arch, faces=faces)
+        return self._cfiqa
+
     def photo(self, clean: np.ndarray, protected: np.ndarray) -> dict[str, Any]:
         """Imperceptibility of the protected photo, its BRISQUE and its dlib identity to the clean photo."""
         out: dict[str, Any] = image_metrics.imperceptibility(clean, protected)
@@ -114,8 +132,13 @@ class Evaluator:
               video_name: str | None = None) -> dict[str, Any]:
         """Every video metric of ``video`` (generated from the protected photo, or from the clean one for the
         clean row) against the clean photo and the clean photo's video."""
-        out: dict[str, Any] = {"ism": Missing(NOT_BUILT.format(what="ArcFace ISM (RetinaFace + ArcFace)")),
-                               "cfiqa": Missing(NOT_BUILT.format(what="CR-FIQA"))}
+        out: dict[str, Any] = {"ism": Missing(NOT_BUILT.format(what="ArcFace ISM (RetinaFace + ArcFace)"))}
+        cfiqa = self.cfiqa
+        if isinstance(cfiqa, Missing):
+            out["cfiqa"] = cfiqa
+        else:
+            value = cfiqa.score(video)
+            out["cfiqa"] = Missing("no face in any frame") if value is None else value
         qalign = (self.settings.qalign or {}).get(video_name or "")
         for key in ("qalign_frame", "qalign_video"):
             out[key] = (qalign[key] if qalign and key in qalign else

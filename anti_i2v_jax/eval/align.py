@@ -1,0 +1,44 @@
+"""Faces aligned to the ArcFace 5-point template (112x112), the input of ArcFace-family networks (CR-FIQA).
+
+The five points are the eye centres, the nose tip and the mouth corners. A least-squares similarity transform
+(rotation, uniform scale, translation; Umeyama's, as scikit-image's ``SimilarityTransform`` and insightface's
+``norm_crop``) maps them onto the template; the face is warped bilinearly with black borders. Offline, the
+points come from dlib's 68-point landmarks of the detected face (the reference pipelines use RetinaFace or
+MTCNN points; the template is the same).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# insightface's arcface_dst for 112x112 crops (CR-FIQA's arcface_eval_ref_points).
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
+
+
+def five_points(landmarks68: np.ndarray) -> np.ndarray:
+    """(68, 2) dlib/iBUG landmarks -> (5, 2): left eye centre, right eye centre (image left to right), nose tip,
+    left and right mouth corners."""
+    p = np.asarray(landmarks68, np.float64)
+    return np.stack([p[36:42].mean(0), p[42:48].mean(0), p[30], p[48], p[54]])
+
+
+def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2x3 similarity transform taking ``src`` points onto ``dst`` in the least-squares sense."""
+    from skimage.transform import SimilarityTransform
+
+    t = SimilarityTransform.from_estimate(src, dst) if hasattr(SimilarityTransform, "from_estimate") else None
+    if t is None:
+        t = SimilarityTransform()
+        t.estimate(src, dst)
+    return t.params[:2]
+
+
+def align(image: np.ndarray, points: np.ndarray, size: int = 112) -> np.ndarray:
+    """The face of ``image`` (uint8 (H, W, 3)) with landmarks ``points`` (5, 2), warped onto the template."""
+    import cv2
+
+    m = similarity(np.asarray(points, np.float64), ARCFACE_TEMPLATE * (size / 112.0))
+    return cv2.warpAffine(np.ascontiguousarray(image[..., :3]), m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderValue=0.0)
