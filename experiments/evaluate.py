@@ -2,7 +2,8 @@
 
     python experiments/evaluate.py --images examples/ --out results/ [--backbones cogvideox-tiny,...]
         [--methods anti-i2v,advdm,mist,vgmshield,sds,clean] [--steps 200] [--eps 16] [--seed 0]
-        [--prompt TEXT] [--gen-steps N] [--weights NAME=DIR ...] [--dino DIR] [--cfiqa PTH] [--qalign-csv FILE]
+        [--prompt TEXT] [--gen-steps N] [--weights NAME=DIR ...] [--dino DIR] [--arcface PTH] [--cfiqa PTH]
+        [--qalign-csv FILE]
 
 For every backbone x image x method: protect the photo (the method's preset at ``--eps``/255 and ``--steps``;
 ``clean`` leaves it as is), generate a video from it with the same seed and prompt as the clean photo's video,
@@ -207,8 +208,9 @@ def run(args: argparse.Namespace, variants: dict[str, dict] | None = None) -> li
     inputs = list(photos.values())
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(EvalSettings(dino=args.dino, dino_reference=args.dino_reference, cfiqa=args.cfiqa,
-                                       cfiqa_arch=args.cfiqa_arch, qalign=read_qalign(args.qalign_csv)))
+    evaluator = Evaluator(EvalSettings(
+        dino=args.dino, dino_reference=args.dino_reference, arcface=args.arcface, arcface_arch=args.arcface_arch,
+        cfiqa=args.cfiqa, cfiqa_arch=args.cfiqa_arch, qalign=read_qalign(args.qalign_csv)))
     rows: list[dict] = []
     bar = tqdm(total=len(backbones) * len(photos) * len(methods), unit="run", disable=args.quiet)
     for name in backbones:
@@ -275,6 +277,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dino-reference", choices=("clean-video", "clean-photo"), default="clean-video",
                    help="DINO against the clean photo's video frame by frame, or against the clean photo "
                    "(default: %(default)s)")
+    p.add_argument("--arcface", type=Path, help="local insightface arcface_torch backbone.pth (the ISM column)")
+    p.add_argument("--arcface-arch", choices=("iresnet50", "iresnet100"), default="iresnet100",
+                   help="the ArcFace checkpoint's iResNet (default: %(default)s)")
     p.add_argument("--cfiqa", type=Path, help="local CR-FIQA backbone.pth (the C-FIQA column)")
     p.add_argument("--cfiqa-arch", choices=("iresnet50", "iresnet100"), default="iresnet50",
                    help="CR-FIQA (S) is iresnet50, (L) iresnet100 (default: %(default)s)")

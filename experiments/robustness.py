@@ -101,8 +101,9 @@ def with_models(args, photos: dict[str, Path], inputs: list[Path]) -> str:
     methods = [m for m in args.methods.split(",") if m]
     purifications = args.purifications.split(",")
     weights = evaluate.parse_weights(args.weights)
-    evaluator = Evaluator(EvalSettings(dino=args.dino, dino_reference=args.dino_reference, cfiqa=args.cfiqa,
-                                       cfiqa_arch=args.cfiqa_arch))
+    evaluator = Evaluator(EvalSettings(
+        dino=args.dino, dino_reference=args.dino_reference, arcface=args.arcface, arcface_arch=args.arcface_arch,
+        cfiqa=args.cfiqa, cfiqa_arch=args.cfiqa_arch))
     gen = {"seed": args.seed, **({"num_inference_steps": args.gen_steps} if args.gen_steps else {})}
     rows = []
     bar = tqdm(total=len(backbones) * len(photos) * len(methods) * len(purifications), unit="video",
@@ -168,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", action="append", default=[], metavar="NAME=DIR", help="converted weights, per backbone")
     p.add_argument("--dino", type=Path, help="local facebook/dino-vits16 folder")
     p.add_argument("--dino-reference", choices=("clean-video", "clean-photo"), default="clean-video")
+    p.add_argument("--arcface", type=Path, help="local insightface arcface_torch backbone.pth")
+    p.add_argument("--arcface-arch", choices=("iresnet50", "iresnet100"), default="iresnet100")
     p.add_argument("--cfiqa", type=Path, help="local CR-FIQA backbone.pth")
     p.add_argument("--cfiqa-arch", choices=("iresnet50", "iresnet100"), default="iresnet50")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -113,3 +113,40 @@ def test_alignment_puts_the_landmarks_on_the_template():
     lm = np.zeros((68, 2))
     lm[36:42], lm[42:48], lm[30], lm[48], lm[54] = [10, 20], [30, 20], [20, 30], [12, 40], [28, 40]
     np.testing.assert_array_equal(align.five_points(lm), [[10, 20], [30, 20], [20, 30], [12, 40], [28, 40]])
+
+
+def test_arcface_ism_on_aligned_faces(case, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("dlib")
+    from PIL import Image
+    from skimage import data
+
+    from anti_i2v_jax.eval import align
+    from anti_i2v_jax.eval.arcface import ArcFace
+    from anti_i2v_jax.eval.identity import DlibFaces
+    from anti_i2v_jax.eval.suite import EvalSettings, Evaluator
+
+    meta, weights = case
+    path = tmp_path / "arcface.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in weights.items() if not k.startswith("qs.")}, path)  # no head
+    photo = data.astronaut()
+    cat = np.asarray(Image.fromarray(data.chelsea()).resize((512, 512)))
+    model = ArcFace(path, _config(meta), faces=DlibFaces())
+    assert not model.config.quality_head
+    got = model.ism([photo], [photo, cat])
+    assert got == {"ism": pytest.approx(1.0, abs=1e-5), "fdfr_arcface": 0.5}
+    rng = np.random.default_rng(0)
+    noisy = np.clip(photo.astype(int) + rng.integers(-40, 41, photo.shape), 0, 255).astype(np.uint8)
+    emb = model.embed([photo, noisy])
+    face = align.align(noisy, align.five_points(model.faces.landmarks(noisy)))
+    want, _ = iresnet.IResNet(model.config).apply({"params": model.params}, iresnet.preprocess(face[None], "rgb"))
+    np.testing.assert_allclose(emb[1], np.asarray(want[0]), rtol=1e-4, atol=1e-4)  # RGB input, as arcface_torch
+    cos = emb[0] @ emb[1] / np.linalg.norm(emb[0]) / np.linalg.norm(emb[1])
+    assert model.ism([photo], [noisy])["ism"] == pytest.approx(cos, abs=1e-6) and cos < 1.0
+    with pytest.raises(UserError, match="no quality head"):
+        from anti_i2v_jax.eval.face_quality import CrFiqa
+
+        CrFiqa(path, _config(meta), faces=model.faces)
+    ev = Evaluator(EvalSettings(arcface=path, arcface_arch="iresnet50"))
+    with pytest.raises(UserError, match="checkpoint does not match"):  # not an iResNet-50
+        ev.video(photo, photo[None], photo[None])

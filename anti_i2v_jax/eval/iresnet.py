@@ -140,6 +140,13 @@ def from_source(source, config: IResNetConfig, what: str = "iresnet") -> dict:
     return params
 
 
-def preprocess(faces_rgb: np.ndarray) -> np.ndarray:
-    """Aligned uint8 RGB faces (N, 112, 112, 3) -> the network input: BGR, ``(x / 255 - 0.5) / 0.5``."""
-    return ((np.asarray(faces_rgb, np.float32)[..., ::-1] / 255.0 - 0.5) / 0.5).astype(np.float32)
+def preprocess(faces_rgb: np.ndarray, channels: str = "bgr") -> np.ndarray:
+    """Aligned uint8 RGB faces (N, 112, 112, 3) -> the network input ``(x / 255 - 0.5) / 0.5`` in ``channels``
+    order: "bgr" for CR-FIQA (OpenCV's order, as its evaluation reads images), "rgb" for insightface's
+    arcface_torch (its inference converts to RGB)."""
+    x = np.asarray(faces_rgb, np.float32)
+    if channels == "bgr":
+        x = x[..., ::-1]
+    elif channels != "rgb":
+        raise ValueError(f"channels must be 'bgr' or 'rgb', got {channels!r}")
+    return ((x / 255.0 - 0.5) / 0.5).astype(np.float32)

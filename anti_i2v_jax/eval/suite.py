@@ -29,7 +29,8 @@ from anti_i2v_jax.eval.identity import (
 
 # name -> (table heading, one-line definition)
 PAPER_METRICS: dict[str, tuple[str, str]] = {
-    "ism": ("ISM", "ArcFace cosine of each frame's face to the clean photo's, mean over frames with a face"),
+    "ism": ("ISM", "ArcFace cosine of each frame's face to the clean photo's, mean over frames with a face "
+            "(insightface iResNet given with --arcface; faces found and aligned by dlib)"),
     "cfiqa": ("C-FIQA", "CR-FIQA quality score of the frames' aligned faces, mean over frames with a face"),
     "qalign_frame": ("Q-A(F)", "Q-Align image quality, mean over frames, in [0, 1]"),
     "qalign_video": ("Q-A(V)", "Q-Align video quality at 1 fps, in [0, 1]"),
@@ -50,9 +51,6 @@ OFFLINE_METRICS: dict[str, tuple[str, str]] = {
     "id_photo_dlib": ("ID-photo-dlib", "dlib cosine between the protected and the clean photo's faces"),
 }
 
-NOT_BUILT = ("not available in this version: {what} needs its reference network and weights, which no package "
-             "ships; see docs/evaluation.md")
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalSettings:
@@ -63,6 +61,8 @@ class EvalSettings:
     # "clean-photo": every frame against the clean photo.
     dino_reference: Literal["clean-video", "clean-photo"] = "clean-video"
     dlib: DlibSettings = DlibSettings()
+    arcface: str | Path | None = None  # an insightface arcface_torch backbone.pth
+    arcface_arch: str = "iresnet100"
     cfiqa: str | Path | None = None  # a CR-FIQA backbone.pth
     cfiqa_arch: str = "iresnet50"  # iresnet50: CR-FIQA (S); iresnet100: CR-FIQA (L)
     qalign: Mapping[str, Mapping[str, float]] | None = None  # video file name -> {"qalign_frame", "qalign_video"}
@@ -76,6 +76,7 @@ class Evaluator:
         self._faces: DlibFaces | Missing | None = None
         self._dino: Any = None
         self._cfiqa: Any = None
+        self._arcface: Any = None
 
     @property
     def faces(self) -> DlibFaces | Missing:
@@ -97,6 +98,21 @@ class Evaluator:
 
                 self._dino = Dino(self.settings.dino)
         return self._dino
+
+    @property
+    def arcface(self):
+        if self._arcface is None:
+            faces = self.faces
+            if self.settings.arcface is None:
+                self._arcface = Missing("give a local ArcFace backbone.pth (insightface arcface_torch, e.g. "
+                                        "ms1mv3_arcface_r100) with --arcface; ism_dlib is an offline proxy")
+            elif isinstance(faces, Missing):
+                self._arcface = Missing(f"ArcFace ISM aligns faces with dlib: {faces.reason}")
+            else:
+                from anti_i2v_jax.eval.arcface import ArcFace
+
+                self._arcface = ArcFace(self.settings.arcface, self.settings.arcface_arch, faces=faces)
+        return self._arcface
 
     @property
     def cfiqa(self):
@@ -132,7 +148,13 @@ class Evaluator:
               video_name: str | None = None) -> dict[str, Any]:
         """Every video metric of ``video`` (generated from the protected photo, or from the clean one for the
         clean row) against the clean photo and the clean photo's video."""
-        out: dict[str, Any] = {"ism": Missing(NOT_BUILT.format(what="ArcFace ISM (RetinaFace + ArcFace)"))}
+        out: dict[str, Any] = {}
+        arcface = self.arcface
+        if isinstance(arcface, Missing):
+            out["ism"] = arcface
+        else:
+            ism = arcface.ism([clean_photo], video)["ism"]
+            out["ism"] = Missing("no face in the clean photo or in any frame") if ism is None else ism
         cfiqa = self.cfiqa
         if isinstance(cfiqa, Missing):
             out["cfiqa"] = cfiqa
