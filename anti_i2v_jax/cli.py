@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
                           "then use it as the reference video (the paper's protocol)")
     p.add_argument("--out", type=Path, default=Path("protected"), help="output folder (default ./protected)")
     p.add_argument("--devices", type=int, default=1, help="protect this many images at once, one per device")
+    p.add_argument("--per-device", type=int, default=1, metavar="K",
+                   help="images per device (default 1): a batch of --devices x K same-size images runs at once, with "
+                        "--parallel dispatch")
+    p.add_argument("--batching", default="map", choices=["map", "vmap"],
+                   help="how K images share a device: map (default) runs them one after another inside one program, "
+                        "so each image's bytes equal a run alone; vmap batches them into one computation, which "
+                        "fills a large GPU but may round differently by a few levels")
     p.add_argument("--parallel", default="dispatch", choices=["dispatch", "shard_map", "pmap"],
                    help="how --devices N runs: dispatch (default) runs each image's own one-device program on every "
                         "device, so its bytes equal a run alone; shard_map (a mesh) and pmap build one N-device "
@@ -188,6 +195,10 @@ def _protect(args: argparse.Namespace) -> int:
     config = AttackConfig.for_method(args.method, **overrides)
     if args.devices < 1:
         raise UserError(f"--devices must be >= 1, got {args.devices}")
+    if args.per_device < 1:
+        raise UserError(f"--per-device must be >= 1, got {args.per_device}")
+    if args.per_device > 1 and args.devices > 1 and args.parallel != "dispatch":
+        raise UserError(f"--per-device {args.per_device} runs with --parallel dispatch, not {args.parallel}")
 
     names = [p.stem for p in args.inputs]
     protected_paths = [*args.inputs, *([args.target] if args.target else [])]
@@ -221,8 +232,8 @@ def _protect(args: argparse.Namespace) -> int:
     if reference is not None:
         if not hasattr(backbone, "with_reference_video"):
             raise UserError(f"backbone {backbone.name!r} cannot take a reference video; drop --reference/--reference-video")
-        if args.devices != 1:
-            raise UserError("--reference/--reference-video protect one image at a time: use --devices 1")
+        if args.devices != 1 or args.per_device != 1:
+            raise UserError("--reference/--reference-video protect one image at a time: use --devices 1 --per-device 1")
         if args.reference == "auto" and not hasattr(backbone, "generate"):
             raise UserError(f"backbone {backbone.name!r} cannot generate the reference video; give --reference-video")
         clip = io.load_video(args.reference_video) if args.reference_video else None
@@ -240,19 +251,22 @@ def _protect(args: argparse.Namespace) -> int:
     protector = Protector(backbone, config)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    # Images of one size run together, one per device; otherwise one at a time.
+    # Images of one size run together, --per-device of them on each of --devices; otherwise one at a time.
+    slots = args.devices * args.per_device
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, im in enumerate(images):
-        groups[im.shape if args.devices > 1 else (i,)].append(i)
+        groups[im.shape if slots > 1 else (i,)].append(i)
     for members in groups.values():
-        for start in range(0, len(members), args.devices):
-            idx = members[start : start + args.devices]
+        for start in range(0, len(members), slots):
+            idx = members[start : start + slots]
             state_dir = args.out / (f"{names[idx[0]]}.state" if len(idx) == 1 else f"{names[idx[0]]}.batch.state")
             results = protector.protect(
                 [images[i] for i in idx],
                 target=target,
                 mode="sequential" if args.devices == 1 else args.parallel,
-                devices=len(idx),
+                devices=min(args.devices, -(-len(idx) // args.per_device)),
+                per_device=args.per_device,
+                batching=args.batching,
                 checkpoint_dir=state_dir,
                 progress=not args.quiet,
             )
@@ -340,6 +354,8 @@ def _write_outputs(args, protector, backbone_name, src: Path, input_shape, origi
         "wall_seconds": result.seconds,
         "resumed_from_step": result.resumed_from,
         "devices": args.devices,
+        "per_device": args.per_device,
+        "batching": args.batching if args.per_device > 1 else None,
         "jax": {"version": jax.__version__, "backend": jax.default_backend()},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "history": {k: v.tolist() for k, v in result.history.items()},

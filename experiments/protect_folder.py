@@ -1,11 +1,12 @@
 """Protect every image in a folder tree: a data-pipeline example on the public API.
 
     python experiments/protect_folder.py IN_DIR --out OUT_DIR [--backbone NAME] [--weights DIR] [--steps N]
-        [--method M] [--eps 16] [--prompt TEXT] [--devices N] [--max-side PIXELS] [--seed S]
+        [--method M] [--eps 16] [--prompt TEXT] [--devices N] [--per-device K] [--max-side PIXELS] [--seed S]
 
 Finds the images under IN_DIR (png, jpg, jpeg, webp, bmp, tif, tiff, recursively), downscales those over
-``--max-side``, groups them by size and protects each group in rounds of ``--devices`` images (one per
-device, each running its own one-device program, so an image's bytes do not depend on its batch).
+``--max-side``, groups them by size and protects each group in rounds of ``--devices`` x ``--per-device``
+images (K per device, each device running its own program; with the default ``--batching map`` an image's
+bytes do not depend on its batch).
 ``OUT_DIR`` mirrors the tree: ``a/b.jpg`` -> ``OUT_DIR/a/b_protected.png``. Restartable: images whose output
 exists are skipped, and a round cut short resumes from its last checkpoint (``OUT_DIR/.state/``). One
 progress bar counts optimisation steps over the whole folder. ``OUT_DIR/results.csv`` gets one row per image:
@@ -64,7 +65,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eps", type=float, default=16.0, help="L-inf budget in 8-bit levels")
     parser.add_argument("--prompt", help="one caption for every image (default: the config's)")
-    parser.add_argument("--devices", type=int, default=1, help="images protected at once, one per device")
+    parser.add_argument("--devices", type=int, default=1, help="devices to use, one image program each")
+    parser.add_argument("--per-device", type=int, default=1, metavar="K",
+                        help="images per device (a round is devices x K same-size images)")
+    parser.add_argument("--batching", choices=("map", "vmap"), default="map",
+                        help="K images on a device: map (bytes equal to a run alone) or vmap (fills a large GPU)")
     parser.add_argument("--max-side", type=int, help="downscale images whose longer side exceeds this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-size", type=int, default=10)
@@ -86,6 +91,8 @@ def main(argv=None) -> int:
             raise ai.UserError("--out must not be inside the input folder (outputs would be found as inputs)")
         if not 1 <= args.devices <= jax.device_count():
             raise ai.UserError(f"--devices {args.devices}: JAX sees {jax.device_count()} device(s)")
+        if args.per_device < 1:
+            raise ai.UserError(f"--per-device must be at least 1, got {args.per_device}")
         overrides = dict(steps=args.steps, eps=args.eps / 255.0, seed=args.seed, chunk_size=args.chunk_size,
                          checkpoint_every=args.checkpoint_every)
         if args.prompt is not None:
@@ -115,8 +122,8 @@ def main(argv=None) -> int:
         protector = ai.Protector(backbone, config)
         bar = tqdm(total=len(images) * config.steps, unit="step", desc=f"{len(images)} images [{backbone.name}]")
         for shape, members in sorted(groups.items()):
-            for start in range(0, len(members), args.devices):
-                batch = members[start : start + args.devices]
+            for start in range(0, len(members), args.devices * args.per_device):
+                batch = members[start : start + args.devices * args.per_device]
                 rels = [str(p.relative_to(in_dir)) for p in batch]
                 state = out_dir / ".state" / hashlib.sha256("\n".join(rels).encode()).hexdigest()[:16]
                 counted = {"steps": None}
@@ -130,7 +137,9 @@ def main(argv=None) -> int:
 
                 results = protector.protect(
                     [images[p] for p in batch], checkpoint_dir=state, callback=advance,
-                    mode="dispatch" if len(batch) > 1 else "sequential", devices=len(batch),
+                    mode="dispatch" if args.devices > 1 else "sequential",
+                    devices=min(args.devices, -(-len(batch) // args.per_device)),
+                    per_device=args.per_device, batching=args.batching,
                 )
                 for src, rel, result in zip(batch, rels, results):
                     out = output_of(src, in_dir, out_dir)

@@ -62,3 +62,17 @@ def test_output_inside_the_input_is_refused(tmp_path, image, protect_folder, dou
     save_image(tmp_path / "a.png", image)
     assert protect_folder([str(tmp_path), "--out", str(tmp_path / "out"), "--backbone", double_registered]) == 2
     assert "inside the input folder" in capsys.readouterr().err
+
+
+def test_several_images_per_device(tmp_path, image, backbone, protect_folder, double_registered):
+    src = tmp_path / "in"
+    flips = [image, image[::-1].copy(), image[:, ::-1].copy()]
+    for i, im in enumerate(flips):
+        save_image(src / f"{i}.png", im)
+    out = tmp_path / "out"
+    assert protect_folder([str(src), "--out", str(out), "--backbone", double_registered, "--steps", "2",
+                           "--chunk-size", "2", "--devices", "2", "--per-device", "2"]) == 0
+    config = ai.AttackConfig.for_method("anti-i2v", steps=2, chunk_size=2)
+    for i, im in enumerate(flips):  # 2 + 1 on two devices; each image's bytes are its run alone
+        np.testing.assert_array_equal(load_image(out / f"{i}_protected.png"), ai.protect(backbone, im, config).image)
+    assert protect_folder([str(src), "--out", str(tmp_path / "o2"), "--per-device", "0"]) == 2

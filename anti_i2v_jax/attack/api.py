@@ -21,7 +21,7 @@ from anti_i2v_jax.attack.config import (
     _Layers,
     resolve_terms,
 )
-from anti_i2v_jax.attack.executors import Mode, _executor, _index
+from anti_i2v_jax.attack.executors import BATCHINGS, Batching, Mode, _executor, _index
 from anti_i2v_jax.attack.step import _initial_state, _make_chunk_fn, _prepare_target
 from anti_i2v_jax.backbones.base import Backbone
 from anti_i2v_jax.errors import NonFiniteError, UserError
@@ -43,11 +43,12 @@ class Protector:
         self._ran: set[tuple] = set()  # (size, mode, devices) already run once: compiled
         self._texts: dict[str, Any] = {}
 
-    def _fns(self, image_size: tuple[int, int], mode: Mode, n_devices: int):
-        key = (image_size, mode, n_devices)
+    def _fns(self, image_size: tuple[int, int], mode: Mode, n_devices: int, per_device: int = 1,
+             batching: Batching = "map"):
+        key = (image_size, mode, n_devices, per_device, batching)
         if key not in self._compiled:
             chunk, terms_at = _make_chunk_fn(self.backbone, self.config, image_size)
-            self._compiled[key] = (_executor(chunk, mode, n_devices), jax.jit(terms_at))
+            self._compiled[key] = (_executor(chunk, mode, n_devices, per_device, batching), jax.jit(terms_at))
         return self._compiled[key]
 
     def _text(self, prompt: str):
@@ -64,11 +65,15 @@ class Protector:
         target: np.ndarray | None = None,
         mode: Mode = "sequential",
         devices: int | None = None,
+        per_device: int = 1,
+        batching: Batching = "map",
         checkpoint_dir: str | Path | None = None,
         progress: bool = False,
         callback: Callable[[int, Mapping[str, np.ndarray]], None] | None = None,
     ) -> list[ProtectResult]:
-        """Protect same-size uint8 ``(H, W, 3)`` images, one per device slot, in rounds of ``devices``.
+        """Protect same-size uint8 ``(H, W, 3)`` images, ``per_device`` per device slot, in rounds of
+        ``devices * per_device``. Several images per device are batched by ``batching``: ``map`` keeps each
+        image's bytes equal to its run alone; ``vmap`` fills a large device but may differ by a few levels.
 
         ``callback(step, history)`` runs on the host after every chunk (history of the round so far,
         each ``(images, steps)``); raising from it stops the run, and a later call with the same
@@ -86,28 +91,36 @@ class Protector:
         n_dev = 1 if mode == "sequential" else (devices or jax.local_device_count())
         if n_dev > jax.local_device_count():
             raise UserError(f"asked for {n_dev} devices but this process has {jax.local_device_count()}")
+        if per_device < 1:
+            raise UserError(f"per_device must be at least 1, got {per_device}")
+        if batching not in BATCHINGS:
+            raise UserError(f"unknown batching {batching!r}; use one of {', '.join(BATCHINGS)}")
+        if per_device > 1 and mode not in ("dispatch", "sequential"):
+            raise UserError(f"several images per device run with mode 'dispatch' or 'sequential', not {mode!r}")
+        slots = n_dev * per_device
         h, w = images[0].shape[:2]
         target_img = _prepare_target(target, (h, w), self.config.target_seed)
 
         results: list[ProtectResult] = []
-        for start in range(0, len(images), n_dev):
-            batch = images[start : start + n_dev]
+        for start in range(0, len(images), slots):
+            batch = images[start : start + slots]
             ckpt = None
             if checkpoint_dir is not None:
-                suffix = "" if len(images) <= n_dev else f"-{start // n_dev}"
+                suffix = "" if len(images) <= slots else f"-{start // slots}"
                 ckpt = _Checkpointer(
                     Path(str(checkpoint_dir) + suffix),
-                    _fingerprint(self.backbone, self.config, target_img, *batch, prompts=prompts[start : start + n_dev]),
+                    _fingerprint(self.backbone, self.config, target_img, *batch, prompts=prompts[start : start + slots]),
                 )
-            results += self._run_round(
-                batch, prompts[start : start + n_dev], target_img, mode, len(batch), ckpt, progress, callback
-            )
+            k = min(per_device, len(batch))
+            layout = (mode, -(-len(batch) // k), k, batching if k > 1 else "map")
+            results += self._run_round(batch, prompts[start : start + slots], target_img, layout, ckpt, progress,
+                                       callback)
         return results
 
-    def _run_round(self, images, prompts, target_img, mode, n_dev, ckpt, progress, callback):
+    def _run_round(self, images, prompts, target_img, layout, ckpt, progress, callback):
         config, names = self.config, self.config.term_names
         t_start = time.perf_counter()
-        run, terms_at = self._fns(images[0].shape[:2], mode, n_dev)
+        run, terms_at = self._fns(images[0].shape[:2], *layout)
         x0 = np.stack([im.astype(np.float32) / 255.0 for im in images])
         target = target_img.astype(np.float32) / 255.0
         text = jax.tree.map(lambda *xs: jnp.stack(xs), *[self._text(p) for p in prompts])
@@ -132,9 +145,9 @@ class Protector:
         )
         if progress and resumed_from:
             bar.write(f"resuming from step {resumed_from}")
-        if progress and (images[0].shape[:2], mode, n_dev) not in self._ran:
+        if progress and (images[0].shape[:2], layout) not in self._ran:
             bar.set_postfix_str("compiling...", refresh=True)  # the first chunk includes XLA's compile
-        self._ran.add((images[0].shape[:2], mode, n_dev))
+        self._ran.add((images[0].shape[:2], layout))
         try:
             step = resumed_from
             while step < config.steps:
@@ -251,19 +264,25 @@ def protect_batch(
     *,
     mode: Mode = "dispatch",
     devices: int | None = None,
+    per_device: int = 1,
+    batching: Batching = "map",
     prompts: Sequence[str] | None = None,
     target: np.ndarray | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
 ) -> list[ProtectResult]:
-    """Protect same-size images data-parallel, one per device: ``shard_map`` on a mesh or ``pmap`` (one N-device
-    program), or ``dispatch`` (the one-image program on each device: bytes equal to each image's run alone)."""
+    """Protect same-size images data-parallel: ``shard_map`` on a mesh or ``pmap`` (one N-device program), or
+    ``dispatch`` (the one-image program on each device: bytes equal to each image's run alone); with
+    ``per_device`` K > 1 (dispatch or sequential), K images share each device (``batching``: ``map`` keeps the
+    bytes of a run alone, ``vmap`` fills a large device)."""
     return Protector(backbone, config or AttackConfig()).protect(
         images,
         prompts=prompts,
         target=target,
         mode=mode,
         devices=devices,
+        per_device=per_device,
+        batching=batching,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
     )
