@@ -12,6 +12,11 @@ exists are skipped, and a round cut short resumes from its last checkpoint (``OU
 progress bar counts optimisation steps over the whole folder. ``OUT_DIR/results.csv`` gets one row per image:
 input, output, size, PSNR, SSIM, L-inf (levels), the final loss, seconds, and an error for an image that could
 not be read (the run goes on without it). Every file is written atomically; nothing under IN_DIR is touched.
+
+Several processes (hosts): start one per host with JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=P and
+JAX_PROCESS_ID=p (or ``--distributed`` under a cluster manager JAX detects). Each takes every P-th image of
+the sorted list, protects it on its own devices exactly as a single process would (same bytes), and writes
+its images and ``results.p<p>-of-<P>.csv``; ``--devices`` counts the process's own devices.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eps", type=float, default=16.0, help="L-inf budget in 8-bit levels")
     parser.add_argument("--prompt", help="one caption for every image (default: the config's)")
     parser.add_argument("--devices", type=int, default=1, help="devices to use, one image program each")
+    parser.add_argument("--distributed", action="store_true",
+                        help="start JAX's multi-process runtime even without JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
+                        "JAX_PROCESS_ID (which start it when set): its cluster detection (SLURM, MPI, ...)")
     parser.add_argument("--per-device", type=int, default=1, metavar="K",
                         help="images per device (a round is devices x K same-size images)")
     parser.add_argument("--batching", choices=("map", "vmap"), default="map",
@@ -84,13 +92,16 @@ def main(argv=None) -> int:
     from anti_i2v_jax import io, metrics
 
     try:
+        from anti_i2v_jax import distributed
+
+        process, processes = distributed.initialize(required=args.distributed)
         in_dir, out_dir = args.in_dir.resolve(), args.out.resolve()
         if not in_dir.is_dir():
             raise ai.UserError(f"{args.in_dir}: not a folder")
         if out_dir == in_dir or in_dir in out_dir.parents:
             raise ai.UserError("--out must not be inside the input folder (outputs would be found as inputs)")
-        if not 1 <= args.devices <= jax.device_count():
-            raise ai.UserError(f"--devices {args.devices}: JAX sees {jax.device_count()} device(s)")
+        if not 1 <= args.devices <= jax.local_device_count():
+            raise ai.UserError(f"--devices {args.devices}: this process has {jax.local_device_count()} device(s)")
         if args.per_device < 1:
             raise ai.UserError(f"--per-device must be at least 1, got {args.per_device}")
         overrides = dict(steps=args.steps, eps=args.eps / 255.0, seed=args.seed, chunk_size=args.chunk_size,
@@ -98,11 +109,14 @@ def main(argv=None) -> int:
         if args.prompt is not None:
             overrides["prompt"] = args.prompt
         config = ai.AttackConfig.for_method(args.method, **overrides)
-        sources = find_images(in_dir)
-        csv_path = out_dir / "results.csv"
+        found = find_images(in_dir)
+        sources = distributed.shard(found, process, processes)  # every process its own share, and its own CSV
+        csv_path = out_dir / ("results.csv" if processes == 1 else f"results.p{process}-of-{processes}.csv")
         rows = read_rows(csv_path)
         todo = [p for p in sources if not output_of(p, in_dir, out_dir).exists()]
-        print(f"{len(sources)} images under {args.in_dir}; {len(sources) - len(todo)} already done", file=sys.stderr)
+        share = "" if processes == 1 else f"process {process} of {processes}: {len(sources)} of them; "
+        print(f"{len(found)} images under {args.in_dir}; {share}{len(sources) - len(todo)} already done",
+              file=sys.stderr)
 
         images, groups = {}, defaultdict(list)
         for src in todo:
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
                 continue
             groups[images[src].shape].append(src)
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_rows(csv_path, rows, sources)
+        write_rows(csv_path, rows, found)
         if not images:
             return 0
 
@@ -144,7 +158,7 @@ def main(argv=None) -> int:
                 for src, rel, result in zip(batch, rels, results):
                     out = output_of(src, in_dir, out_dir)
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    io.save_image(out, result.image, protect=sources)
+                    io.save_image(out, result.image, protect=found)
                     original = images[src]
                     psnr = metrics.psnr(result.image, original)
                     rows[rel] = {
@@ -155,7 +169,7 @@ def main(argv=None) -> int:
                         "final_loss": f"{float(result.history['total'][-1]):.6g}",
                         "seconds": f"{result.seconds:.1f}", "error": "",
                     }
-                write_rows(csv_path, rows, sources)  # after every round: a restart keeps what is done
+                write_rows(csv_path, rows, found)  # after every round: a restart keeps what is done
         bar.close()
     except ai.UserError as e:
         print(f"protect_folder: error: {e}", file=sys.stderr)

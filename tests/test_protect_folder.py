@@ -72,7 +72,7 @@ def test_several_images_per_device(tmp_path, image, backbone, protect_folder, do
     out = tmp_path / "out"
     assert protect_folder([str(src), "--out", str(out), "--backbone", double_registered, "--steps", "2",
                            "--chunk-size", "2", "--devices", "2", "--per-device", "2"]) == 0
-    config = ai.AttackConfig.for_method("anti-i2v", steps=2, chunk_size=2)
+    protector = ai.Protector(backbone, ai.AttackConfig.for_method("anti-i2v", steps=2, chunk_size=2))
     for i, im in enumerate(flips):  # 2 + 1 on two devices; each image's bytes are its run alone
-        np.testing.assert_array_equal(load_image(out / f"{i}_protected.png"), ai.protect(backbone, im, config).image)
+        np.testing.assert_array_equal(load_image(out / f"{i}_protected.png"), protector.protect([im])[0].image)
     assert protect_folder([str(src), "--out", str(tmp_path / "o2"), "--per-device", "0"]) == 2

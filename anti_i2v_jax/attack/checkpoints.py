@@ -56,9 +56,19 @@ class _Checkpointer:
         if self._manager is None:
             ocp = self._ocp
             # cleanup_tmp_directories: a save cut short by a crash leaves a *.orbax-checkpoint-tmp folder; drop it
+            # Each process checkpoints its own images: a save involves this process alone (by default orbax
+            # synchronises every process of a multi-process run at each save, and processes whose shards differ
+            # in size would wait for one another forever).
+            extra = {}
+            if jax.process_count() > 1:
+                me = jax.process_index()
+                extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                    primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"anti_i2v_p{me}")
+            self.directory.mkdir(parents=True, exist_ok=True)  # orbax will not create it for one process alone
             self._manager = ocp.CheckpointManager(
                 self.directory,
-                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True),
+                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=False, cleanup_tmp_directories=True,
+                                                     **extra),
             )
         return self._manager
 
@@ -89,7 +99,8 @@ class _Checkpointer:
             manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave({"state": state, "history": history}),
+                    # host numpy: orbax refuses device arrays that are not global in a multi-process run
+                    state=ocp.args.StandardSave({"state": jax.tree.map(np.asarray, state), "history": history}),
                     meta=ocp.args.JsonSave({"fingerprint": self.fingerprint, "step": step}),
                 ),
             )
