@@ -34,15 +34,30 @@ def test_two_processes_give_the_bytes_of_one(tmp_path, image):
               "--steps", "2", "--chunk-size", "2", "--devices", "2"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    port = _free_port()
-    procs = [
-        subprocess.Popen([*common, "--out", str(tmp_path / "multi")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env={**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                                         "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(p)})
-        for p in range(2)
-    ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+
+    def two_processes():
+        port = _free_port()
+        procs = [
+            subprocess.Popen([*common, "--out", str(tmp_path / "multi")], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env={**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                  "JAX_PROCESS_ID": str(p)})
+            for p in range(2)
+        ]
+        try:
+            logs = [p.communicate(timeout=240)[0] for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            return None, [p.communicate()[0] for p in procs]
+        return [p.returncode for p in procs], logs
+
+    # Once in several dozen runs on this loaded 2-core machine the two processes never met at start-up (a
+    # connection to the coordinator that timed out); a fresh port on a second try has always worked.
+    codes, logs = two_processes()
+    if codes != [0, 0]:
+        codes, logs = two_processes()
+    assert codes == [0, 0], "\n".join(logs)
     assert "process 0 of 2: 3 of them" in logs[0] and "process 1 of 2: 2 of them" in logs[1]
     # One process protecting each image alone (what a single-process run's images equal, tested elsewhere).
     protector = ai.Protector(ai.load_backbone("cogvideox-tiny"),
