@@ -52,8 +52,8 @@ def test_two_processes_give_the_bytes_of_one(tmp_path, image):
             return None, [p.communicate()[0] for p in procs]
         return [p.returncode for p in procs], logs
 
-    # Once in several dozen runs on this loaded 2-core machine the two processes never met at start-up (a
-    # connection to the coordinator that timed out); a fresh port on a second try has always worked.
+    # Once in the first six runs here (under load) the two processes never met at start-up (a
+    # connection to the coordinator that timed out, cause not found); a second try on a fresh port.
     codes, logs = two_processes()
     if codes != [0, 0]:
         codes, logs = two_processes()
