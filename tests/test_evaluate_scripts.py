@@ -166,10 +166,17 @@ def test_layer_pca_token_layout():
     assert a.min() == 0 and a.max() == 255
 
 
-def test_ablation_ladder(tmp_path):
+def test_ablation_ladder_order():
     ablation = _script("ablation")
     assert list(ablation.variants(["full", "rgb"])) == ["rgb", "full"]  # ladder order
     assert ablation.LADDER["dual"]["schedule"] == "alternate"
+    assert [dict(v["overrides"]).get("schedule") for v in ablation.variants(list(ablation.LADDER)).values()] == [
+        "rgb", "lab", "dct", "alternate", "alternate", "alternate", "alternate", None]
+
+
+@pytest.mark.heavy  # 30 s; evaluate.py's own test covers the loop it drives
+def test_ablation_ladder(tmp_path):
+    ablation = _script("ablation")
     out = tmp_path / "out"
     assert ablation.main(["--images", str(EXAMPLES), "--out", str(out), "--backbones", "opensora-tiny",
                           "--rungs", "lab", "--steps", "2", "--gen-steps", "1", "--quiet"]) == 0
