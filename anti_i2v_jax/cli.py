@@ -276,11 +276,6 @@ def _protect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _frames(backbone):
-    c = getattr(backbone, "config", None)
-    return getattr(c, "num_frames", None) or getattr(c, "frames", None)
-
-
 def _check_protect_args(args: argparse.Namespace) -> None:
     """The CLI's own settings, checked in the CLI's words before anything is loaded."""
     if not 1.0 <= args.eps <= 255.0:
@@ -336,7 +331,7 @@ def _write_outputs(args, protector, backbone_name, src: Path, input_shape, origi
         if uses_target(config) else None,
         "layers": dataclasses.asdict(_Layers.resolve(protector.backbone, config)),
         "model_size": list(protector.backbone.model_size),
-        "frames": _frames(protector.backbone),
+        "frames": protector.backbone.geometry.frames if hasattr(protector.backbone, "geometry") else None,
         "geometry": dataclasses.asdict(protector.backbone.geometry) if hasattr(protector.backbone, "geometry") else None,
         "max_side": args.max_side,
         "input_size": list(input_shape[:2]),
