@@ -252,9 +252,20 @@ def run(args: argparse.Namespace, variants: dict[str, dict] | None = None) -> li
                 bar.update()
             save_strip(folder / "strip.png", shots, videos, inputs)
     bar.close()
+    _remove_empty_dirs(out / ".state")  # each finished run removed its own checkpoint
     settings = f"eps {args.eps:g}/255, {args.steps} steps, seed {args.seed}, prompt {args.prompt!r}"
     write_table(out / "table.md", rows, settings, inputs)
     return rows
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(root.iterdir()):
+        root.rmdir()
 
 
 def parser() -> argparse.ArgumentParser:

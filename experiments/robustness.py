@@ -144,6 +144,7 @@ def with_models(args, photos: dict[str, Path], inputs: list[Path]) -> str:
                     rows.append(evaluate.row_of(name, stem, f"{method} + {purification}", scores))
                     bar.update()
     bar.close()
+    evaluate._remove_empty_dirs(args.out / ".state")
     evaluate.write_csv(args.out / "robustness.csv", rows, inputs)
     return evaluate.write_table(args.out / "robustness.md", rows,
                                 f"purified before generation; eps {args.eps:g}/255, {args.steps} steps", inputs)

@@ -60,6 +60,7 @@ def test_evaluate_protects_generates_scores_and_resumes(tmp_path, capsys):
     table = (out / "table.md").read_text()
     assert "| cogvideox-tiny | advdm |" in table and "n/a DINO: give a local DINO" in table
     assert table.index("The paper's metrics") < table.index("Offline measures")
+    assert not (out / ".state").exists()  # finished runs leave no checkpoint folders behind
 
     # A second run reads the protected photo and the videos back: same rows, nothing recomputed.
     before = {p: p.stat().st_mtime_ns for p in folder.iterdir() if p.suffix in (".png", ".npz") and p.name != "strip.png"}
