@@ -80,6 +80,10 @@ def read_qalign(path: Path | None) -> dict[str, dict[str, float]] | None:
     qalign_frame, qalign_video -> {video: scores}."""
     if path is None:
         return None
+    from anti_i2v_jax.errors import UserError
+
+    if not path.is_file():
+        raise UserError(f"--qalign-csv {path}: no such file (experiments/qalign_score.py writes it)")
     with path.open(newline="") as f:
         return {Path(r["video"]).as_posix(): {k: float(r[k]) for k in ("qalign_frame", "qalign_video") if r.get(k)}
                 for r in csv.DictReader(f)}
@@ -204,6 +208,9 @@ def run(args: argparse.Namespace, variants: dict[str, dict] | None = None) -> li
     if args.steps < 1 or args.eps <= 0:
         raise ai.UserError("--steps must be at least 1 and --eps positive")
     weights = parse_weights(args.weights)
+    for flag, path in (("--dino", args.dino), ("--arcface", args.arcface), ("--cfiqa", args.cfiqa)):
+        if path is not None and not path.exists():  # before any protection runs
+            raise ai.UserError(f"{flag} {path}: no such file or folder")
     photos = find_photos(args.images)
     inputs = list(photos.values())
     out: Path = args.out

@@ -182,7 +182,12 @@ def main(argv=None) -> int:
         if protected is not None and protected.shape != photo.shape:
             raise ai.UserError(f"--protected is {protected.shape[1]}x{protected.shape[0]}, the photo "
                                f"{photo.shape[1]}x{photo.shape[0]}: give the protected version of this photo")
-        report = json.loads(args.report.read_text()) if args.report else None
+        if args.report is not None and not args.report.is_file():
+            raise ai.UserError(f"--report {args.report}: no such file")
+        try:
+            report = json.loads(args.report.read_text()) if args.report else None
+        except json.JSONDecodeError as e:
+            raise ai.UserError(f"--report {args.report}: not JSON ({e})") from None
         if report is not None and "history" not in report:
             raise ai.UserError(f"{args.report}: no 'history' in it; give a *_report.json written by anti-i2v protect")
         inputs = [p for p in (args.image, args.protected, args.report) if p]

@@ -71,6 +71,9 @@ def test_evaluate_protects_generates_scores_and_resumes(tmp_path, capsys):
     assert evaluate.main(["--images", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert evaluate.main([*argv[:6], "--methods", "advdmm"]) == 2
     assert "unknown method" in capsys.readouterr().err
+    for flag in ("--dino", "--cfiqa", "--arcface", "--qalign-csv"):
+        assert evaluate.main([*argv, flag, str(tmp_path / "absent")]) == 2
+        assert "absent" in capsys.readouterr().err
 
 
 def test_reproduce_table_prints_ours_beside_the_paper(tmp_path, capsys):
@@ -153,6 +156,9 @@ def test_layer_pca_grids_displacement_and_history(tmp_path, capsys):
     assert layer_pca.main(["--image", str(EXAMPLES / "astronaut.png"), "--out", str(out), "--backbone",
                            "dynamicrafter-tiny", "--layers", "99"]) == 2
     assert "blocks 0-8" in capsys.readouterr().err
+    assert layer_pca.main(["--image", str(EXAMPLES / "astronaut.png"), "--out", str(out), "--report",
+                           str(tmp_path / "absent.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_layer_pca_token_layout():
