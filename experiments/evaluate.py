@@ -29,6 +29,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+IRESNETS = ("iresnet18", "iresnet34", "iresnet50", "iresnet100")  # anti_i2v_jax.eval.iresnet.ARCHS
 SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 METHODS = ("anti-i2v", "advdm", "mist", "vgmshield", "sds", "clean")
 STRIP_FRAMES = 6
@@ -296,10 +297,10 @@ def parser() -> argparse.ArgumentParser:
                    help="DINO against the clean photo's video frame by frame, or against the clean photo "
                    "(default: %(default)s)")
     p.add_argument("--arcface", type=Path, help="local insightface arcface_torch backbone.pth (the ISM column)")
-    p.add_argument("--arcface-arch", choices=("iresnet50", "iresnet100"), default="iresnet100",
+    p.add_argument("--arcface-arch", choices=IRESNETS, default="iresnet100",
                    help="the ArcFace checkpoint's iResNet (default: %(default)s)")
     p.add_argument("--cfiqa", type=Path, help="local CR-FIQA backbone.pth (the C-FIQA column)")
-    p.add_argument("--cfiqa-arch", choices=("iresnet50", "iresnet100"), default="iresnet50",
+    p.add_argument("--cfiqa-arch", choices=IRESNETS, default="iresnet50",
                    help="CR-FIQA (S) is iresnet50, (L) iresnet100 (default: %(default)s)")
     p.add_argument("--qalign-csv", type=Path, help="scores written by experiments/qalign_score.py")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evaluate  # noqa: E402
 
+IRESNETS = evaluate.IRESNETS
 SPACES = {"rgb": "RGB", "lab": "a*/b*", "dct": "DCT (low band)", "alternate": "a*/b* + DCT alternating"}
 
 
@@ -171,9 +172,9 @@ def main(argv=None) -> int:
     p.add_argument("--dino", type=Path, help="local facebook/dino-vits16 folder")
     p.add_argument("--dino-reference", choices=("clean-video", "clean-photo"), default="clean-video")
     p.add_argument("--arcface", type=Path, help="local insightface arcface_torch backbone.pth")
-    p.add_argument("--arcface-arch", choices=("iresnet50", "iresnet100"), default="iresnet100")
+    p.add_argument("--arcface-arch", choices=IRESNETS, default="iresnet100")
     p.add_argument("--cfiqa", type=Path, help="local CR-FIQA backbone.pth")
-    p.add_argument("--cfiqa-arch", choices=("iresnet50", "iresnet100"), default="iresnet50")
+    p.add_argument("--cfiqa-arch", choices=IRESNETS, default="iresnet50")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 

@@ -230,3 +230,31 @@ def test_qalign_script_scores_frames_and_1fps_clips(tmp_path, monkeypatch):
     video_calls = [imgs for kind, imgs in calls if kind == "video"]
     assert [np.asarray(im).mean() for im in video_calls[0][0]] == [float(frames[i].mean()) for i in range(0, 48, 8)]
     assert qalign_score.main([str(tmp_path / "empty"), "--model", str(model)]) == 2
+
+
+def test_evaluate_fills_the_paper_columns_from_local_models(tmp_path):
+    """--dino, --arcface and --cfiqa with small random local models: DINO gets values; ISM and C-FIQA run and
+    say why they have none (a tiny random backbone draws no face)."""
+    torch = pytest.importorskip("torch")
+    import json as _json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "golden"))
+    from seeded import seeded_weights
+    from test_eval import _write_vit
+
+    evaluate = _script("evaluate")
+    _write_vit(tmp_path / "dino")
+    case = _json.loads((Path(__file__).parent / "golden" / "crfiqa" / "tiny-r18" / "case.json").read_text())
+    weights = seeded_weights(case["keys"], case["seed"])
+    torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, tmp_path / "cfiqa.pth")
+    torch.save({k: torch.from_numpy(v) for k, v in weights.items() if not k.startswith("qs.")}, tmp_path / "arc.pth")
+    out = tmp_path / "out"
+    assert evaluate.main(["--images", str(EXAMPLES), "--out", str(out), "--backbones", "cogvideox-tiny",
+                          "--methods", "sds", "--steps", "1", "--gen-steps", "1", "--quiet",
+                          "--dino", str(tmp_path / "dino"), "--arcface", str(tmp_path / "arc.pth"),
+                          "--arcface-arch", "iresnet18", "--cfiqa", str(tmp_path / "cfiqa.pth"),
+                          "--cfiqa-arch", "iresnet18"]) == 0
+    clean, sds = _rows(out / "results.csv")
+    assert float(clean["dino"]) == pytest.approx(1.0, abs=1e-5) and 0.0 < float(sds["dino"]) <= 1.0 + 1e-6
+    for row in (clean, sds):
+        assert "ism: no face" in row["missing"] and "cfiqa: no face" in row["missing"]

@@ -34,6 +34,16 @@ class IResNetConfig:
     input_size: int = 112
 
 
+def iresnet18(**kw) -> IResNetConfig:
+    """iResNet-18 (insightface's smallest ArcFace backbone)."""
+    return IResNetConfig(layers=(2, 2, 2, 2), **kw)
+
+
+def iresnet34(**kw) -> IResNetConfig:
+    """iResNet-34."""
+    return IResNetConfig(layers=(3, 4, 6, 3), **kw)
+
+
 def iresnet50(**kw) -> IResNetConfig:
     """CR-FIQA (S): iResNet-50."""
     return IResNetConfig(layers=(3, 4, 14, 3), **kw)
@@ -44,7 +54,7 @@ def iresnet100(**kw) -> IResNetConfig:
     return IResNetConfig(layers=(3, 13, 30, 3), **kw)
 
 
-ARCHS = {"iresnet50": iresnet50, "iresnet100": iresnet100}
+ARCHS = {"iresnet18": iresnet18, "iresnet34": iresnet34, "iresnet50": iresnet50, "iresnet100": iresnet100}
 
 
 class BatchNorm(nn.Module):
@@ -114,7 +124,8 @@ class IResNet(nn.Module):
 
 def load(path: str | Path, arch: str | IResNetConfig = "iresnet50") -> tuple[IResNetConfig, dict]:
     """An iResNet from a PyTorch ``backbone.pth`` state dict (read with ``weights_only=True``); every key checked.
-    ``arch``: "iresnet50" (CR-FIQA S), "iresnet100" (CR-FIQA L) or a config; the quality head is used when the
+    ``arch``: "iresnet50" (CR-FIQA S), "iresnet100" (CR-FIQA L), "iresnet18"/"iresnet34" (smaller ArcFace
+    backbones) or a config; the quality head is used when the
     checkpoint has one."""
     from weights_convert.core import TorchCheckpointSource
 
