@@ -232,6 +232,7 @@ def test_qalign_script_scores_frames_and_1fps_clips(tmp_path, monkeypatch):
     assert qalign_score.main([str(tmp_path / "empty"), "--model", str(model)]) == 2
 
 
+@pytest.mark.heavy  # 35 s beyond CI's budget; the suite-level tests cover each model's wiring in CI
 def test_evaluate_fills_the_paper_columns_from_local_models(tmp_path):
     """--dino, --arcface and --cfiqa with small random local models: DINO gets values; ISM and C-FIQA run and
     say why they have none (a tiny random backbone draws no face)."""
