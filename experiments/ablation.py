@@ -49,22 +49,20 @@ def main(argv=None) -> int:
     p.epilog = __doc__.split("\n\n", 1)[1]
     p.add_argument("--rungs", default=",".join(LADDER), help="comma-separated subset of the ladder (default: all)")
     args = p.parse_args(argv)
-    from anti_i2v_jax.errors import UserError
 
-    try:
+    def work():
+        from anti_i2v_jax.errors import UserError
+
         rungs = [r for r in args.rungs.split(",") if r]
         bad = [r for r in rungs if r not in LADDER]
         if bad or not rungs:
             raise UserError(f"unknown rung(s) {bad}; choose from {', '.join(LADDER)}")
         evaluate.run(args, variants(rungs))
-    except UserError as e:
-        print(f"ablation: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ablation: interrupted; run the same command again to go on", file=sys.stderr)
-        return 130
-    print((args.out / "table.md").read_text())
-    return 0
+
+    code = evaluate.guarded("ablation", work)
+    if code == 0:
+        print((args.out / "table.md").read_text())
+    return code
 
 
 if __name__ == "__main__":

@@ -307,20 +307,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+def guarded(prog: str, work) -> int:
+    """Run ``work()`` as a script's body: a UserError is one line and exit 2, Ctrl-C exit 130, else 0. Shared by
+    the experiment scripts built on this one."""
     from anti_i2v_jax.errors import UserError
 
     try:
-        run(args)
+        work()
     except UserError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("evaluate: interrupted; run the same command again to go on", file=sys.stderr)
+        print(f"{prog}: interrupted; run the same command again to go on", file=sys.stderr)
         return 130
-    print(f"wrote {args.out / 'results.csv'} and {args.out / 'table.md'}", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    code = guarded("evaluate", lambda: run(args))
+    if code == 0:
+        print(f"wrote {args.out / 'results.csv'} and {args.out / 'table.md'}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

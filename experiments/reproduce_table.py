@@ -69,17 +69,12 @@ def main(argv=None) -> int:
     p.set_defaults(backbones="cogvideox-5b-i2v,opensora-1.2,dynamicrafter-512", methods=",".join(evaluate.METHODS),
                    steps=200, eps=16.0)
     args = p.parse_args(argv)
-    from anti_i2v_jax.errors import UserError
     from anti_i2v_jax.io import atomic_write
 
-    try:
-        rows = evaluate.run(args)
-    except UserError as e:
-        print(f"reproduce_table: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("reproduce_table: interrupted; run the same command again to go on", file=sys.stderr)
-        return 130
+    rows: list[dict] = []
+    code = evaluate.guarded("reproduce_table", lambda: rows.extend(evaluate.run(args)))
+    if code:
+        return code
     text = (f"# Ours (paper), eps {args.eps:g}/255, {args.steps} steps\n\n{comparison(rows)}\n\n"
             "The paper's numbers are its CelebV-Text means over its own images and captions; a row without them "
             "was not published. See table.md for the reasons of n/a cells and the offline measures.\n")

@@ -178,9 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    from anti_i2v_jax.errors import UserError
+    def work():
+        from anti_i2v_jax.errors import UserError
 
-    try:
         bad = [x for x in args.purifications.split(",") if x not in PURIFICATIONS]
         if bad:
             raise UserError(f"unknown purification(s) {bad}; choose from {', '.join(PURIFICATIONS)}")
@@ -192,13 +192,8 @@ def main(argv=None) -> int:
         print(model_free(args, photos, inputs))
         if args.backbones:
             print(with_models(args, photos, inputs))
-    except UserError as e:
-        print(f"robustness: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("robustness: interrupted; run the same command again to go on", file=sys.stderr)
-        return 130
-    return 0
+
+    return evaluate.guarded("robustness", work)
 
 
 if __name__ == "__main__":

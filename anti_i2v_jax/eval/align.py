@@ -35,6 +35,18 @@ def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return t.params[:2]
 
 
+def aligned_faces(faces, frames, size: int = 112) -> tuple[list[np.ndarray], list[int]]:
+    """The template-aligned top face of each frame that has one (``faces``: a
+    :class:`~anti_i2v_jax.eval.identity.DlibFaces`), and the indices of those frames."""
+    crops, where = [], []
+    for i, frame in enumerate(frames):
+        landmarks = faces.landmarks(frame)
+        if landmarks is not None:
+            crops.append(align(frame, five_points(landmarks), size))
+            where.append(i)
+    return crops, where
+
+
 def align(image: np.ndarray, points: np.ndarray, size: int = 112) -> np.ndarray:
     """The face of ``image`` (uint8 (H, W, 3)) with landmarks ``points`` (5, 2), warped onto the template."""
     import cv2

@@ -31,12 +31,7 @@ class ArcFace:
 
     def embed(self, frames: Sequence[np.ndarray]) -> list[np.ndarray | None]:
         """The embedding of each frame's top face (512-d), None where no face is found."""
-        crops, where = [], []
-        for i, frame in enumerate(frames):
-            landmarks = self.faces.landmarks(frame)
-            if landmarks is not None:
-                crops.append(align.align(frame, align.five_points(landmarks), self.config.input_size))
-                where.append(i)
+        crops, where = align.aligned_faces(self.faces, frames, self.config.input_size)
         out: list[np.ndarray | None] = [None] * len(frames)
         if crops:
             emb = np.asarray(self._apply(self.params, iresnet.preprocess(np.stack(crops), "rgb")), np.float64)

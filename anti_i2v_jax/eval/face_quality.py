@@ -31,12 +31,7 @@ class CrFiqa:
 
     def frame_scores(self, frames: np.ndarray) -> list[float | None]:
         """The quality of each frame's top face; None where no face is found."""
-        crops, where = [], []
-        for i, frame in enumerate(frames):
-            landmarks = self.faces.landmarks(frame)
-            if landmarks is not None:
-                crops.append(align.align(frame, align.five_points(landmarks), self.config.input_size))
-                where.append(i)
+        crops, where = align.aligned_faces(self.faces, frames, self.config.input_size)
         out: list[float | None] = [None] * len(frames)
         if crops:
             scores = np.asarray(self._apply(self.params, iresnet.preprocess(np.stack(crops))))

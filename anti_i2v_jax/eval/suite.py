@@ -99,34 +99,43 @@ class Evaluator:
                 self._dino = Dino(self.settings.dino)
         return self._dino
 
+    def _face_model(self, path, what: str, absent: str, build):
+        """A face network on dlib-aligned faces: ``build(faces)``, or Missing when ``path`` or dlib is absent."""
+        if path is None:
+            return Missing(absent)
+        faces = self.faces
+        if isinstance(faces, Missing):
+            return Missing(f"{what} aligns faces with dlib: {faces.reason}")
+        return build(faces)
+
     @property
     def arcface(self):
         if self._arcface is None:
-            faces = self.faces
-            if self.settings.arcface is None:
-                self._arcface = Missing("give a local ArcFace backbone.pth (insightface arcface_torch, e.g. "
-                                        "ms1mv3_arcface_r100) with --arcface; ism_dlib is an offline proxy")
-            elif isinstance(faces, Missing):
-                self._arcface = Missing(f"ArcFace ISM aligns faces with dlib: {faces.reason}")
-            else:
+            s = self.settings
+
+            def build(faces):
                 from anti_i2v_jax.eval.arcface import ArcFace
 
-                self._arcface = ArcFace(self.settings.arcface, self.settings.arcface_arch, faces=faces)
+                return ArcFace(s.arcface, s.arcface_arch, faces=faces)
+
+            self._arcface = self._face_model(
+                s.arcface, "ArcFace ISM", "give a local ArcFace backbone.pth (insightface arcface_torch, e.g. "
+                "ms1mv3_arcface_r100) with --arcface; ism_dlib is an offline proxy", build)
         return self._arcface
 
     @property
     def cfiqa(self):
         if self._cfiqa is None:
-            faces = self.faces
-            if self.settings.cfiqa is None:
-                self._cfiqa = Missing("give a local CR-FIQA backbone.pth with --cfiqa (and --cfiqa-arch iresnet100 "
-                                      "for CR-FIQA (L))")
-            elif isinstance(faces, Missing):
-                self._cfiqa = Missing(f"C-FIQA aligns faces with dlib: {faces.reason}")
-            else:
+            s = self.settings
+
+            def build(faces):
                 from anti_i2v_jax.eval.face_quality import CrFiqa
 
-                self._cfiqa = CrFiqa(self.settings.cfiqa, self.settings.cfiqa_arch, faces=faces)
+                return CrFiqa(s.cfiqa, s.cfiqa_arch, faces=faces)
+
+            self._cfiqa = self._face_model(
+                s.cfiqa, "C-FIQA", "give a local CR-FIQA backbone.pth with --cfiqa (and --cfiqa-arch iresnet100 "
+                "for CR-FIQA (L))", build)
         return self._cfiqa
 
     def photo(self, clean: np.ndarray, protected: np.ndarray) -> dict[str, Any]:
@@ -176,9 +185,9 @@ class Evaluator:
         if isinstance(faces, Missing):
             out.update({k: faces for k in ("ism_dlib", "l2_dlib", "match_dlib", "fdfr_dlib")})
         else:
-            scores = identity_scores(faces, reference_embedding(faces, [clean_photo]), video)
-            why = Missing("no face in the clean photo" if faces.embed(clean_photo) is None else
-                          "no face in any frame")
+            reference = reference_embedding(faces, [clean_photo])
+            scores = identity_scores(faces, reference, video)
+            why = Missing("no face in the clean photo" if reference is None else "no face in any frame")
             out.update({k: why if v is None else v for k, v in scores.items()})
         out["brisque_video"] = _try(lambda: float(np.mean([_brisque(f) for f in video])))
         return out
