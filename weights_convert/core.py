@@ -33,6 +33,7 @@ TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[tuple]
     "squeeze0": (lambda a: a[0], lambda s: tuple(s[1:])),  # (1, ...) buffers
     "conv1x1_linear": (lambda a: a[:, :, 0, 0].T, lambda s: (s[1], s[0])),  # 1x1 Conv2d used as a Linear
     "conv1d_k1_linear": (lambda a: a[:, :, 0].T, lambda s: (s[1], s[0])),  # kernel-1 Conv1d used as a Linear
+    "conv1x1_vector": (lambda a: a[0, :, 0, 0], lambda s: (s[1],)),  # a (1, C, 1, 1) Conv2d: per-channel weights
 }
 
 
