@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     ref.add_argument("--reference", choices=["auto"],
                      help="auto: first generate the clean video from each photo and the prompt with the backbone, "
                           "then use it as the reference video (the paper's protocol)")
+    p.add_argument("--lpips", type=Path, metavar="VGG16_PTH",
+                   help="LPIPS-VGG for the LPIPS terms (anti-i2v's auxiliary loss, VGMShield): torchvision's VGG16 "
+                        "state dict (vgg16-397923af.pth) with --lpips-heads, or one whole LPIPS state dict "
+                        "(default: none; those terms run without LPIPS and the report says so)")
+    p.add_argument("--lpips-heads", type=Path, metavar="PTH",
+                   help="the LPIPS linear heads: the lpips package's weights/v0.1/vgg.pth (with --lpips)")
     p.add_argument("--out", type=Path, default=Path("protected"), help="output folder (default ./protected)")
     p.add_argument("--devices", type=int, default=1, help="protect this many images at once, one per device")
     p.add_argument("--per-device", type=int, default=1, metavar="K",
@@ -222,6 +228,14 @@ def _protect(args: argparse.Namespace) -> int:
     target = io.load_image(args.target) if args.target else None
 
     backbone = _load_backbone(args)
+    if args.lpips_heads and not args.lpips:
+        raise UserError("--lpips-heads goes with --lpips (torchvision's VGG16 state dict)")
+    if args.lpips:
+        from anti_i2v_jax.nn import lpips
+
+        if not hasattr(backbone, "with_lpips"):
+            raise UserError(f"backbone {backbone.name!r} cannot carry LPIPS; drop --lpips")
+        backbone = backbone.with_lpips(lpips.load(args.lpips, args.lpips_heads))
     for path, im in zip(args.inputs, images):
         try:
             check_image(im, backbone)
@@ -338,6 +352,7 @@ def _write_outputs(args, protector, backbone_name, src: Path, input_shape, origi
         "alpha": "the input's transparency, put back on the protected RGB (computed on white)" if alpha is not None
         else None,
         "reference_video": reference,
+        "lpips": getattr(getattr(protector.backbone, "lpips", None), "source", None),
         "terms_off": protector.term_notes,
         "settings": config.to_dict(),
         "size": list(original.shape[:2]),

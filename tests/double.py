@@ -83,6 +83,17 @@ class TinyBackbone:
     )
     nan_loss: bool = False  # diffusion loss is NaN (for error-path tests)
     nan_grad: bool = False  # diffusion loss finite but its gradient is not
+    lpips: Any = None  # LPIPS-VGG, as the adapters carry it (with_lpips)
+
+    def with_lpips(self, model) -> TinyBackbone:
+        return dataclasses.replace(self, lpips=model)
+
+    @property
+    def attack_params(self):
+        return {**self.params, **({} if self.lpips is None else {"lpips": self.lpips.params})}
+
+    def perceptual_distance(self, params, x, y):
+        return self.lpips(params["lpips"], x, y)
 
     @classmethod
     def create(cls, seed: int = 0, **kw) -> TinyBackbone:

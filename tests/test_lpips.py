@@ -109,3 +109,73 @@ def test_lpips_loads_from_torchvision_and_lpips_files(case, tmp_path):
     torch.save(whole, tmp_path / "bad_alias.pth")
     with pytest.raises(UserError, match="differ"):
         lpips.load(tmp_path / "bad_alias.pth")
+
+
+# ------------------------------------------------------------------------------ in the attack
+
+
+@pytest.fixture(scope="module")
+def random_lpips():
+    return lpips.LPIPSModel(lpips.init_params(0), "random LPIPS-VGG (test)")
+
+
+def test_lpips_terms_follow_the_weights(random_lpips):
+    """Without LPIPS weights VGMShield's LPIPS term is off and Anti-I2V's aux is CLIP only (or off where there is no
+    CLIP either); with them both run, and the notes say which half of aux is missing."""
+    from anti_i2v_jax import AttackConfig, resolve_terms
+    from anti_i2v_jax.backbones.registry import load
+
+    cog, dc = load("cogvideox-tiny"), load("dynamicrafter-tiny")
+    vgm, anti = AttackConfig.for_method("vgmshield"), AttackConfig()
+    config, notes = resolve_terms(dc, vgm)
+    assert config.term_names == ("vgm_vae", "vgm_clip") and "--lpips" in notes["vgm_lpips"]
+    assert "CLIP image distance only" in resolve_terms(dc, anti)[1]["aux"]
+    assert "aux" not in resolve_terms(cog, anti)[0].term_names
+    config, notes = resolve_terms(dc.with_lpips(random_lpips), vgm)
+    assert config.term_names == ("vgm_vae", "vgm_clip", "vgm_lpips") and notes == {}
+    assert resolve_terms(dc.with_lpips(random_lpips), anti)[1] == {}
+    config, notes = resolve_terms(cog.with_lpips(random_lpips), anti)
+    assert "aux" in config.term_names and "LPIPS only" in notes["aux"] and "no CLIP" in notes["aux"]
+    with_lpips = cog.with_lpips(random_lpips)
+    assert "lpips" in with_lpips.attack_params and "lpips" not in cog.attack_params
+    assert with_lpips.configured(precision="bf16").lpips is random_lpips
+
+
+def test_vgmshield_lpips_term_moves_the_right_way(random_lpips):
+    """Undirected VGMShield ascends LPIPS to the clean image (from 0, growing every step). Directed VGMShield descends
+    it: the run that also has the LPIPS term ends perceptually closer to the clean image than the same directed run
+    without it, although the VAE term pulls both towards the target."""
+    from double import TinyBackbone
+
+    from anti_i2v_jax import AttackConfig, Protector
+
+    bb = TinyBackbone.create().with_lpips(random_lpips)
+    image = (np.random.default_rng(3).uniform(size=(32, 32, 3)) * 255).astype(np.uint8)
+    run = dict(steps=4, chunk_size=4, checkpoint_every=4, eps=8 / 255)
+
+    undirected = Protector(bb, AttackConfig.for_method("vgmshield", **run)).protect([image])[0].history["vgm_lpips"]
+    assert undirected[0] == pytest.approx(0.0, abs=1e-7) and np.all(np.diff(undirected) > 0)
+
+    def directed(weights):
+        config = AttackConfig.for_method("vgmshield-directed", weights=weights, **run)
+        out = Protector(bb, config).protect([image])[0]
+        return float(random_lpips(random_lpips.params, jnp.asarray(out.image / 255.0), jnp.asarray(image / 255.0)))
+
+    without = directed((("vgm_vae", 1.0),))
+    assert directed((("vgm_vae", 1.0), ("vgm_lpips", 1.0))) < without  # MMVGM's weights: a small pull
+    assert directed((("vgm_vae", 1.0), ("vgm_lpips", 100.0))) < 0.5 * without  # a dominant one: a strong pull
+
+
+def test_anti_i2v_aux_ascends_lpips(random_lpips):
+    """aux alone (weight -1: maximised) on the double, whose aux is LPIPS only: the image moves and aux grows."""
+    from double import TinyBackbone
+
+    from anti_i2v_jax import AttackConfig, Protector
+
+    bb = TinyBackbone.create().with_lpips(random_lpips)
+    image = (np.random.default_rng(4).uniform(size=(32, 32, 3)) * 255).astype(np.uint8)
+    config = AttackConfig(weights=(("aux", -1.0),), schedule="rgb", steps=3, chunk_size=3, checkpoint_every=3,
+                          normalize_terms=False)
+    result = Protector(bb, config).protect([image])[0]
+    assert np.abs(result.image.astype(int) - image.astype(int)).max() > 0
+    assert np.all(np.diff(result.history["aux"]) > 0)

@@ -117,6 +117,9 @@ def _fingerprint(backbone: Backbone, config: AttackConfig, *arrays: np.ndarray, 
     geometry = getattr(backbone, "geometry", None)  # another geometry or precision is another run
     run = [backbone.name, config.to_dict(), list(prompts), None if geometry is None else dataclasses.asdict(geometry),
            getattr(backbone, "precision", None)]
+    lpips = getattr(backbone, "lpips", None)
+    if lpips is not None:  # other LPIPS weights are another run (runs without LPIPS keep their old fingerprint)
+        run.append(lpips.source)
     h.update(json.dumps(run, sort_keys=True).encode())
     reference = getattr(backbone, "reference_latents", None)  # another reference video is another run
     for a in (*arrays, *([] if reference is None else [np.asarray(reference)])):

@@ -19,18 +19,24 @@ TERMS: dict[str, str] = {
     "irc": "IRC: deep denoiser layers pulled onto the early layer",
     "ira": "IRA, denoiser: protected-branch taps vs target-image-branch taps (same z_t, t, text)",
     "ira_vae": "IRA, VAE encoder: taps of the protected image vs taps of the target image",
-    "aux": "Anti-I2V auxiliary: 1 - cos of the CLIP image embeddings of the protected and the clean image "
-    "(where the backbone has a CLIP image encoder)",
+    "aux": "Anti-I2V auxiliary: LPIPS-VGG + (1 - cos of the CLIP image embeddings), protected vs clean image "
+    "(each part where available: LPIPS given its weights, CLIP where the backbone has an image encoder)",
     "texture": "MIST texture loss: summed squared distance of the image latent to the target image's latent",
     "texture_mean": "the texture distance mean-reduced, as the authors' mist.py variant has it",
     "vgm_vae": "VGMShield: 1 - cos of the VAE latents of the protected and the reference image, each with fresh "
     "Gaussian noise (vgm_noise)",
     "vgm_clip": "VGMShield: 1 - cos of the CLIP image embeddings of the protected and the reference image",
+    "vgm_lpips": "VGMShield: LPIPS-VGG of the protected image to the clean image (given LPIPS weights)",
     "sds": "SDS surrogate: the denoiser's eps-space residual pushed through the encoder only",
 }
 
-# Terms that need an optional part of the backbone, by the adapter attribute that provides it.
-TERM_NEEDS: dict[str, str] = {"aux": "image_embedding", "vgm_clip": "image_embedding"}
+# Terms that need an optional part of the adapter: the parts that can compute them (any one suffices).
+# "image_embedding": a CLIP image encoder (DynamiCrafter's OpenCLIP); "lpips": LPIPS-VGG weights (with_lpips).
+TERM_NEEDS: dict[str, tuple[str, ...]] = {
+    "aux": ("lpips", "image_embedding"),
+    "vgm_clip": ("image_embedding",),
+    "vgm_lpips": ("lpips",),
+}
 
 # Objective presets. Anti-I2V: L_IRC + L_IRA + L_aux - L_DM with unit weights, each term normalised by its
 # mean magnitude at the start. Every baseline keeps the paper's shared budget (16/255) and step count (200)
@@ -50,11 +56,11 @@ METHODS: dict[str, dict[str, Any]] = {
         schedule="rgb", normalize_terms=False, random_start=False, vae_sample=True,
     ),
     "vgmshield": dict(
-        weights=(("vgm_vae", -1.0), ("vgm_clip", -1.0)),
+        weights=(("vgm_vae", -1.0), ("vgm_clip", -1.0), ("vgm_lpips", -1.0)),
         schedule="rgb", normalize_terms=False, random_start=False, vgm_directed=False,
     ),
     "vgmshield-directed": dict(
-        weights=(("vgm_vae", 1.0), ("vgm_clip", 1.0)),
+        weights=(("vgm_vae", 1.0), ("vgm_clip", 1.0), ("vgm_lpips", 1.0)),
         schedule="rgb", normalize_terms=False, random_start=False, vgm_directed=True,
     ),
     "sds": dict(weights=(("sds", 1.0),), schedule="rgb", normalize_terms=False, random_start=False, vae_sample=True),
@@ -68,14 +74,14 @@ METHODS: dict[str, dict[str, Any]] = {
 
 # One line per preset for --help and reports: the original and each deliberate deviation (README: "Methods").
 METHOD_NOTES: dict[str, str] = {
-    "anti-i2v": "IRC + IRA (denoiser and VAE) + auxiliary CLIP distance - diffusion loss, dual-space steps",
+    "anti-i2v": "IRC + IRA (denoiser and VAE) - auxiliary (LPIPS + CLIP distance) - diffusion loss, dual-space steps",
     "advdm": "AdvDM (Liang et al. 2023): sign ascent on the diffusion loss, random start, sampled VAE posterior",
     "mist": "MIST (psyker-team/mist): summed texture loss to the target minus 1e4 x the diffusion loss",
     "mist-vaijsc": "the Anti-I2V authors' MIST variant: mean texture loss, so it behaves like AdvDM",
     "vgmshield": "VGMShield undirected (MMVGM): ascend 1 - cos to the clean image's noisy VAE latent and CLIP "
-    "embedding",
+    "embedding, and LPIPS to the clean image",
     "vgmshield-directed": "VGMShield directed (MMVGM): descend 1 - cos to the target image's VAE latent and CLIP "
-    "embedding",
+    "embedding, and LPIPS to the clean image",
     "sds": "SDS(-) (Xue et al. 2024): descend along the encoder Jacobian of eps_hat - eps (the recommended variant)",
     "sds+": "SDS(+): ascend along the encoder Jacobian of eps_hat - eps",
     "sdst": "SDS(-) with a texture target (Diff-Protect using_target, rate 5)",
@@ -201,9 +207,23 @@ class _Layers:
         return layers
 
 
+def provides(backbone: Backbone, part: str) -> bool:
+    """Whether ``backbone`` has the optional ``part`` (a key of ``PART_MISSING``)."""
+    if part == "lpips":
+        return getattr(backbone, "lpips", None) is not None
+    return hasattr(backbone, part)
+
+
+# Why a part is absent, for the notes (formatted with the backbone's name).
+PART_MISSING = {
+    "image_embedding": "{name} has no CLIP image encoder",
+    "lpips": "no LPIPS-VGG weights were given (--lpips)",
+}
+
+
 def _lacks(backbone: Backbone, term: str) -> bool:
-    """Whether ``term`` needs an optional adapter part (``TERM_NEEDS``) that ``backbone`` does not have."""
-    return term in TERM_NEEDS and not hasattr(backbone, TERM_NEEDS[term])
+    """Whether ``term`` needs optional adapter parts (``TERM_NEEDS``) of which ``backbone`` has none."""
+    return term in TERM_NEEDS and not any(provides(backbone, part) for part in TERM_NEEDS[term])
 
 
 def uses_target(config: AttackConfig) -> bool:
@@ -216,18 +236,22 @@ def uses_target(config: AttackConfig) -> bool:
 def resolve_terms(backbone: Backbone, config: AttackConfig) -> tuple[AttackConfig, dict[str, str]]:
     """``config`` with the terms ``backbone`` cannot compute removed, and a note for each term left out or cut.
 
-    A term needing an optional part of the backbone (``TERM_NEEDS``: a CLIP image encoder) is off when the
-    adapter lacks it; the note says so, and reports record it. LPIPS-VGG is not available in this version, so
-    ``aux`` is its CLIP half only.
+    A term needing optional parts (``TERM_NEEDS``: a CLIP image encoder, LPIPS-VGG weights) is off when the
+    adapter has none of them, and ``aux`` runs with the half it can compute; the notes say so, and reports
+    record them.
     """
+    why = lambda part: PART_MISSING[part].format(name=backbone.name)  # noqa: E731
     keep, notes = [], {}
     for name, w in config.weights:
         if w != 0 and _lacks(backbone, name):
-            notes[name] = f"off: {backbone.name} has no CLIP image encoder"
+            notes[name] = "off: " + "; ".join(why(part) for part in TERM_NEEDS[name])
             continue
         keep.append((name, w))
     if "aux" in dict(keep):
-        notes["aux"] = "CLIP image distance only (LPIPS-VGG is not available in this version)"
+        if not provides(backbone, "lpips"):
+            notes["aux"] = f"CLIP image distance only: {why('lpips')}"
+        elif not provides(backbone, "image_embedding"):
+            notes["aux"] = f"LPIPS only: {why('image_embedding')}"
     if not any(w != 0 for _, w in keep):
         raise UserError(
             f"method {config.method!r} has no term {backbone.name} can compute ({'; '.join(notes.values())}); "

@@ -18,6 +18,7 @@ from anti_i2v_jax.attack.config import (
     AttackConfig,
     _lacks,
     _Layers,
+    provides,
     resolve_terms,
     uses_target,
 )
@@ -42,7 +43,7 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
     # The optax transformation of each space: the sign of the gradient, scaled; descent on the objective.
     optimizers = {s: optax.chain(optax.scale_by_sign(), optax.scale(-step_size[s])) for s in space_list}
 
-    missing = [f"{k} (needs {TERM_NEEDS[k]})" for k in names if _lacks(backbone, k)]
+    missing = [f"{k} (needs one of {TERM_NEEDS[k]})" for k in names if _lacks(backbone, k)]
     if missing:
         raise UserError(f"{backbone.name} cannot compute the terms {missing}; see resolve_terms")
     need_denoiser = bool({"dm", "irc", "ira", "sds"} & set(names))
@@ -58,7 +59,8 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
     )
     vgm_on_target = config.vgm_directed and bool({"vgm_vae", "vgm_clip"} & set(names))
     need_target = uses_target(config)
-    need_clip = bool({"aux", "vgm_clip"} & set(names))
+    need_clip = bool({"aux", "vgm_clip"} & set(names)) and provides(backbone, "image_embedding")
+    need_lpips = bool({"aux", "vgm_lpips"} & set(names)) and provides(backbone, "lpips")
     noise_std = config.vgm_noise / 2.0  # [-1, 1] scale -> [0, 1] scale
 
     def anchors(params, x0, target):
@@ -115,6 +117,12 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
                 terms["vgm_clip"] = losses.cosine_distance(
                     emb, anchor["clip_target" if config.vgm_directed else "clip_clean"]
                 )
+        if need_lpips:  # to the clean image in both VGMShield modes (MMVGM), and in Anti-I2V's aux
+            perceptual = backbone.perceptual_distance(params, x_adv, x0)
+            if "aux" in names:
+                terms["aux"] = terms.get("aux", 0.0) + perceptual
+            if "vgm_lpips" in names:
+                terms["vgm_lpips"] = perceptual
         if "vgm_vae" in names:
             # Fresh noise on both branches each step (MMVGM); the reference branch is a constant.
             k_mine, k_ref = jax.random.split(jax.random.fold_in(key, 7))

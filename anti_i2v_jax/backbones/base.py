@@ -20,7 +20,11 @@ Conventions every adapter follows:
 * an adapter may expose ``image_embedding(params, x)``, a global image embedding (DynamiCrafter's OpenCLIP
   image tower) for the CLIP terms of VGMShield and of Anti-I2V's auxiliary loss;
 * an adapter may expose ``attack_params``, the subset (or re-layout) of its parameters a protection step
-  needs; the attack then holds only those and passes them to every method.
+  needs; the attack then holds only those and passes them to every method;
+* an adapter may carry LPIPS-VGG (``with_lpips(model)``: a field ``lpips``, its parameters under
+  ``attack_params["lpips"]``, and ``perceptual_distance(params, x, y)``) for the LPIPS terms of Anti-I2V's
+  auxiliary loss and of VGMShield. LPIPS belongs to no backbone; it rides on the adapter so that every entry
+  point (``Protector``, ``make_protect_fn``, the memory report) passes it as a step parameter like the rest.
 """
 
 from __future__ import annotations
@@ -141,9 +145,26 @@ class Backbone(Protocol):
 
 
 class AdapterDefaults:
-    """Shared by the adapters (frozen dataclasses with ``config``, ``layers`` and ``min_input_side``): the
-    model size from ``config.height``/``config.width``, and the two defaults filled in when left unset
-    (``layers`` from the adapter's ``default_layers(config)``)."""
+    """Shared by the adapters (frozen dataclasses with ``config``, ``layers``, ``min_input_side`` and
+    ``lpips``): the model size from ``config.height``/``config.width``, the two defaults filled in when left
+    unset (``layers`` from the adapter's ``default_layers(config)``), and the LPIPS attachment."""
+
+    def with_lpips(self, model):
+        """A copy carrying LPIPS-VGG (:class:`anti_i2v_jax.nn.lpips.LPIPSModel`, or None to drop it) for the
+        perceptual terms; its parameters join :attr:`attack_params` under ``"lpips"``."""
+        import dataclasses
+
+        return dataclasses.replace(self, lpips=model)
+
+    def _lpips_params(self) -> dict:
+        """``{"lpips": params}`` for :attr:`attack_params` when LPIPS is attached, else ``{}``."""
+        return {} if self.lpips is None else {"lpips": self.lpips.params}
+
+    def perceptual_distance(self, params, x, y) -> jax.Array:
+        """LPIPS-VGG between two images (H, W, 3) in [0, 1] at their own size (needs :meth:`with_lpips`)."""
+        if self.lpips is None:
+            raise ValueError(f"{self.name} carries no LPIPS model: use with_lpips(anti_i2v_jax.nn.lpips.load(...))")
+        return self.lpips(params["lpips"], self.cast(x), self.cast(y)).astype(jnp.float32)
 
     @property
     def model_size(self) -> tuple[int, int]:

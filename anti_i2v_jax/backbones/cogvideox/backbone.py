@@ -72,6 +72,7 @@ class CogVideoXBackbone(AdapterDefaults):
     min_input_side: int = 0
     layers: LayerDefaults = None  # type: ignore[assignment]
     precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
+    lpips: Any = None  # LPIPS-VGG (anti_i2v_jax.nn.lpips.LPIPSModel) for the perceptual terms: with_lpips
 
     default_layers = staticmethod(default_layers)
     denoiser_config = "transformer"
@@ -136,7 +137,8 @@ class CogVideoXBackbone(AdapterDefaults):
     def attack_params(self) -> dict:
         """What a protection step needs: the image encoder with its temporal taps summed (exact for one
         frame, a third of the encoder's weights, no decoder) and the transformer."""
-        return self.cast({"vae_image": image_encoder_params(self.params["vae"]), "transformer": self.params["transformer"]})
+        return self.cast({"vae_image": image_encoder_params(self.params["vae"]), "transformer": self.params["transformer"],
+                          **self._lpips_params()})
 
     def encode_image(self, params, x, key=None, *, vae_layers: Sequence[str] = ()):
         """Image latent z (1, h, w, C), unscaled, and the requested VAE taps (of one 1-frame encode).

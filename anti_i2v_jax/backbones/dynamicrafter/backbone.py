@@ -98,6 +98,7 @@ class DynamiCrafterBackbone(AdapterDefaults):
     min_input_side: int = 0
     layers: LayerDefaults = None  # type: ignore[assignment]
     precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
+    lpips: Any = None  # LPIPS-VGG (anti_i2v_jax.nn.lpips.LPIPSModel) for the perceptual terms: with_lpips
 
     default_layers = staticmethod(default_layers)
     denoiser_config = "unet"
@@ -111,7 +112,7 @@ class DynamiCrafterBackbone(AdapterDefaults):
         """Everything a step runs: no VAE decoder (the step never decodes) and no text tower (prompts are
         encoded once, before the loop, from :attr:`params`)."""
         vae = {k: v for k, v in self.params["vae"].items() if k not in ("decoder", "post_quant_conv")}
-        return self.cast({**{k: v for k, v in self.params.items() if k != "clip_text"}, "vae": vae})
+        return self.cast({**{k: v for k, v in self.params.items() if k != "clip_text"}, "vae": vae, **self._lpips_params()})
 
     @property
     def geometry(self) -> Geometry:

@@ -99,6 +99,7 @@ class OpenSoraBackbone(AdapterDefaults):
     min_input_side: int = 0
     layers: LayerDefaults = None  # type: ignore[assignment]
     precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
+    lpips: Any = None  # LPIPS-VGG (anti_i2v_jax.nn.lpips.LPIPSModel) for the perceptual terms: with_lpips
 
     default_layers = staticmethod(default_layers)
     denoiser_config = "stdit"
@@ -109,7 +110,7 @@ class OpenSoraBackbone(AdapterDefaults):
         vae = self.params["vae"]
         keep = {part: {k: v for k, v in vae[part].items() if k in ("encoder", "quant_conv")}
                 for part in ("spatial_vae", "temporal_vae")}
-        return self.cast({"vae": keep, "stdit": self.params["stdit"]})
+        return self.cast({"vae": keep, "stdit": self.params["stdit"], **self._lpips_params()})
 
     @property
     def geometry(self) -> Geometry:
