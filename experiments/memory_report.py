@@ -2,10 +2,11 @@
 
 Nothing is allocated and no weights are needed: each backbone's parameters are ShapeDtypeStructs
 (``BackboneSpec.abstract``), and one Anti-I2V step (the whole objective: IRC + IRA on both branches +
-VAE IRA + the diffusion loss, its gradient, the dual-space update) at the model card's geometry is
-lowered and compiled for this machine's backend. The table gives:
+VAE IRA + the auxiliary term (LPIPS-VGG on the input image, and CLIP where the backbone has it) + the
+diffusion loss, its gradient, the dual-space update) at the model card's geometry is lowered and compiled for
+this machine's backend. The table gives:
 
-* params: parameters the step holds (``attack_params``: no VAE decoder, no text encoder);
+* params: parameters the step holds (``attack_params``: no VAE decoder, no text encoder; LPIPS-VGG's 14.7M);
 * argument / temp / total: XLA's ``memory_analysis()`` (total = arguments + temporaries);
 * GFLOP/step: matmul + convolution FLOPs from the jaxpr, loops multiplied out (a scanned block stack
   counts every layer), with remat on; ``remat x``: FLOPs with remat over FLOPs without;
@@ -68,7 +69,12 @@ def step_function(backbone, *, normalize: bool = True):
                                                      normalize_terms=normalize))
     h, w = backbone.model_size
     chunk, _ = _make_chunk_fn(backbone, config, (h, w))
-    params = jax.eval_shape(lambda p: dataclasses.replace(backbone, params=p).attack_params, backbone.params)
+    lpips = backbone.lpips
+
+    def step_params(p, lp):
+        return dataclasses.replace(backbone, params=p, lpips=None if lp is None else dataclasses.replace(lpips, params=lp)).attack_params
+
+    params = jax.eval_shape(step_params, backbone.params, None if lpips is None else lpips.params)
     image = jax.ShapeDtypeStruct((h, w, 3), jnp.float32)
     text = _abstract_text(backbone)
     state = _sds(_initial_state(config, np.zeros((h, w, 3), np.float32)))
@@ -87,13 +93,17 @@ def _geometry(backbone) -> str:
     return f"{frames}x{c.height}x{c.width}"
 
 
-def measure(name: str, precision: str, remat: bool = True) -> dict:
-    """Compile one step of ``name`` abstractly and return the row of the report."""
+def measure(name: str, precision: str, remat: bool = True, lpips: bool = True) -> dict:
+    """Compile one step of ``name`` abstractly (with LPIPS-VGG attached unless ``lpips`` is False) and return the
+    row of the report."""
     from anti_i2v_jax.backbones import registry
+    from anti_i2v_jax.nn.lpips import LPIPSModel, abstract_params
     from anti_i2v_jax.profiling import jaxpr_flops
 
     spec = registry.get(name)
     backbone = spec.abstract().configured(precision=precision, remat=remat)
+    if lpips:
+        backbone = backbone.with_lpips(LPIPSModel(abstract_params(), "abstract"))
     fn, args = step_function(backbone)
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
@@ -150,6 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backbones", default=",".join(real), help=f"comma-separated (default: {','.join(real)})")
     parser.add_argument("--no-remat", action="store_true", help="measure without rematerialisation")
     parser.add_argument("--json", action="store_true", help="also print one JSON object per backbone")
+    parser.add_argument("--no-lpips", action="store_true", help="leave LPIPS-VGG out of the step (a run without --lpips)")
     parser.add_argument("--cpu-passes", action="store_true",
                         help=f"keep the XLA CPU passes the report turns off ({CPU_PASSES_OFF}; see the source)")
     args = parser.parse_args(argv)
@@ -161,12 +172,12 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         print(f"compiling {name} ({args.precision}) ...", file=sys.stderr, flush=True)
-        row = measure(name, args.precision, remat=not args.no_remat)
+        row = measure(name, args.precision, remat=not args.no_remat, lpips=not args.no_lpips)
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
     print(f"\nOne protection step, {args.precision}, XLA {jax.default_backend()} estimate "
-          f"(remat {'off' if args.no_remat else 'on'}):\n")
+          f"(remat {'off' if args.no_remat else 'on'}, LPIPS {'off' if args.no_lpips else 'on'}):\n")
     print(table(rows))
     return 0
 

@@ -88,19 +88,22 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
         terms: dict[str, jax.Array] = {}
         if need_denoiser:
             noisy = backbone.add_noise(params, cond, k_noise)
+            if "ira" in names:
+                # The target branch is a constant of the objective: stopping the gradient at its inputs (not
+                # only at its taps) keeps JAX from linearising a whole second denoiser pass and XLA from
+                # holding its activations for a backward pass that never uses them.
+                _, target_taps = backbone.denoise(
+                    jax.lax.optimization_barrier(params), jax.lax.stop_gradient(noisy), anchor["target_cond"], text,
+                    taps=layers.ira,
+                )
+                target_taps = jax.lax.stop_gradient(target_taps)
             pred, taps = backbone.denoise(params, noisy, cond, text, taps=denoiser_taps)
             if "dm" in names:
                 terms["dm"] = backbone.diffusion_loss(pred, noisy)
             if "irc" in names:
                 terms["irc"] = losses.irc_loss(taps, layers.irc_early, layers.irc_deep)
             if "ira" in names:
-                # The target branch is a constant of the objective: stopping the gradient at its inputs (not
-                # only at its taps) keeps JAX from linearising a whole second denoiser pass and XLA from
-                # holding its activations for a backward pass that never uses them.
-                _, target_taps = backbone.denoise(
-                    params, jax.lax.stop_gradient(noisy), anchor["target_cond"], text, taps=layers.ira
-                )
-                terms["ira"] = losses.ira_loss(taps, jax.lax.stop_gradient(target_taps), layers.ira)
+                terms["ira"] = losses.ira_loss(taps, target_taps, layers.ira)
             if "sds" in names:
                 terms["sds"] = losses.sds_surrogate(backbone.eps_residual(pred, noisy), noisy.x0)
         if "ira_vae" in names:
