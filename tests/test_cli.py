@@ -207,3 +207,32 @@ def test_rgba_input_keeps_its_transparency(tmp_path, image, capsys, double_regis
     assert 0 < np.abs(saved[..., :3].astype(int) - flat).max() <= 16
     report = json.loads((tmp_path / "o" / "cut_report.json").read_text())
     assert report["alpha"] is not None
+
+
+def test_lpips_files_reach_the_objective_and_the_report(tmp_path, image, capsys, double_registered):
+    """--lpips (one whole LPIPS state dict here) turns on anti-i2v's LPIPS half of aux on the double (which has no
+    CLIP): the history has aux and the report names the file; --lpips-heads alone is one line."""
+    torch = pytest.importorskip("torch")
+    from anti_i2v_jax.nn import lpips
+
+    flat = {}
+    for path, leaf in __import__("jax").tree_util.tree_leaves_with_path(lpips.init_params(0)):
+        names = [p.key for p in path]
+        if names[0] == "vgg":  # torchvision layout: (out, in, kh, kw) kernels
+            layer, kind = names[1].split("_")[1], names[2]
+            flat[f"net.slice1.{layer}.{'weight' if kind == 'kernel' else 'bias'}"] = (
+                torch.from_numpy(np.ascontiguousarray(leaf.transpose(3, 2, 0, 1) if kind == "kernel" else leaf)))
+        else:
+            flat[f"{names[0]}.model.1.weight"] = torch.from_numpy(leaf.reshape(1, -1, 1, 1).copy())
+    torch.save(flat, tmp_path / "lpips.pth")
+    src = tmp_path / "face.png"
+    save_image(src, image)
+    code, _, err = _run(capsys, "protect", str(src), "--backbone", double_registered, "--out", str(tmp_path / "o"),
+                        "--lpips", str(tmp_path / "lpips.pth"), *FAST)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "face_report.json").read_text())
+    assert "aux" in report["history"] and report["lpips"] == str(tmp_path / "lpips.pth")
+    assert "LPIPS only" in report["terms_off"]["aux"]
+    code, _, err = _run(capsys, "protect", str(src), "--backbone", double_registered, "--out", str(tmp_path / "p"),
+                        "--lpips-heads", str(tmp_path / "lpips.pth"), *FAST)
+    assert code == 2 and "--lpips-heads goes with --lpips" in err and "Traceback" not in err
