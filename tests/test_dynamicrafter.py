@@ -23,6 +23,15 @@ needs_torch = pytest.mark.skipif(torch is None, reason="reading .ckpt files need
 FILES = [pytest.param("model.ckpt", marks=needs_torch), "model.safetensors"]
 
 CASES = case_dirs("dynamicrafter")
+
+
+def weights(case: Path, file_name: str) -> Path:
+    """The checkpoint file of ``case``: its own, or that of the case named by ``weights_from`` in its case.json (a
+    case at another frame count on the same tiny model)."""
+    import json
+
+    base = json.loads((case / "case.json").read_text()).get("weights_from")
+    return (case / base / file_name).resolve() if base else case / file_name
 needs_case = pytest.mark.skipif(not CASES, reason="no dynamicrafter cases: set ANTI_I2V_FIXTURES")
 
 
@@ -87,7 +96,7 @@ def vae_outputs(case, file_name) -> dict[str, np.ndarray]:
     model = AutoencoderKL(cfg, taps=taps)
     _, inp, _ = load_case(case)
     image = inp["image"].transpose(0, 2, 3, 1)
-    source = PrefixSource(checkpoint_source(case / file_name), "first_stage_model.")
+    source = PrefixSource(checkpoint_source(weights(case, file_name)), "first_stage_model.")
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image))["params"]
     params, _ = convert(source, ldm_vae_rules(levels), abstract)
     (mean, logvar), state = model.apply({"params": params}, image, method=model.encode, mutable=["intermediates"])
@@ -134,7 +143,7 @@ def conditioning_outputs(case, file_name) -> dict[str, np.ndarray]:
     text = TextConfig(**arch["text_cfg"])
     resampler = ResamplerConfig(**params_cfg["image_proj_stage_config"]["params"])
     _, inp, _ = load_case(case)
-    source = checkpoint_source(case / file_name)
+    source = checkpoint_source(weights(case, file_name))
     part = lambda prefix: PrefixSource(source, prefix)  # noqa: E731
 
     nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731
@@ -190,7 +199,7 @@ def diffusion_outputs(case, file_name) -> dict[str, np.ndarray]:
 
     cfg = diffusion_config(case)
     tables = schedule(cfg)
-    source = checkpoint_source(case / file_name)
+    source = checkpoint_source(weights(case, file_name))
     for name in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "scale_arr"):
         if name == "scale_arr" and name not in source.keys():
             # upstream registers the buffer only with dynamic rescale on
@@ -223,7 +232,7 @@ def unet_outputs(case, file_name) -> dict[str, np.ndarray]:
 
     cfg = UNetConfig.from_ldm(yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["unet_config"]["params"])
     _, inp, expected = load_case(case)
-    source = PrefixSource(checkpoint_source(case / file_name), "model.diffusion_model.")
+    source = PrefixSource(checkpoint_source(weights(case, file_name)), "model.diffusion_model.")
 
     cond = conditioning_outputs(case, file_name)
     x_t = diffusion_outputs(case, file_name)["diffusion.x_t"].transpose(0, 2, 3, 4, 1)  # (B, T, h, w, C); checked against the port above
@@ -260,7 +269,7 @@ def ddim_outputs(case, file_name) -> dict[str, np.ndarray]:
 
     meta, inp, _ = load_case(case)
     cfg = UNetConfig.from_ldm(yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["unet_config"]["params"])
-    source = PrefixSource(checkpoint_source(case / file_name), "model.diffusion_model.")
+    source = PrefixSource(checkpoint_source(weights(case, file_name)), "model.diffusion_model.")
     cond = conditioning_outputs(case, file_name)
     contexts = {
         True: np.concatenate([cond["text.context"], cond["resampler.out"]], axis=1),
@@ -314,7 +323,7 @@ def _case_file_params():
             return [pytest.param(None, None, None, id=param.id, marks=param.marks)]
         for f in FILES:
             name = f.values[0] if hasattr(f, "values") else f
-            if (case / name).exists():
+            if weights(case, name).exists():
                 out.append(pytest.param(case, output, name, id=f"{param.id}:{name}",
                                         marks=getattr(f, "marks", ())))
     return out

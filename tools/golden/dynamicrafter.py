@@ -6,6 +6,8 @@ kornia, omegaconf, pytorch_lightning), NOT the project venv:
 
     python tools/golden/dynamicrafter.py --upstream /path/to/DynamiCrafter --style 256 --case tiny-256-eps
     python tools/golden/dynamicrafter.py --upstream /path/to/DynamiCrafter --style 1024 --case tiny-1024
+    # another frame count on an existing case's weights (its checkpoint is referenced, not copied)
+    python tools/golden/dynamicrafter.py --upstream /path/to/DynamiCrafter --weights-from tests/golden/dynamicrafter/tiny-1024 --frames 6 --case tiny-1024-frames6
     # recompute an existing case from its own files and compare with its outputs.safetensors
     python tools/golden/dynamicrafter.py --upstream /path/to/DynamiCrafter --check DIR
 
@@ -208,7 +210,7 @@ def load_checkpoint(model, path: Path):
 # Inputs
 
 
-def make_inputs(seed: int, config: dict, image_hw, t: int, fs: int, aa_hw) -> dict[str, np.ndarray]:
+def make_inputs(seed: int, config: dict, image_hw, t: int, fs: int, aa_hw, frames: int = T_FRAMES) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed + 1)
     h, w = image_hw
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -232,10 +234,10 @@ def make_inputs(seed: int, config: dict, image_hw, t: int, fs: int, aa_hw) -> di
         "image": image,
         "text_tokens": tokens,
         "uncond_text_tokens": uncond,
-        "noise": rng.standard_normal((1, 4, T_FRAMES, lh, lw)).astype(np.float32),
+        "noise": rng.standard_normal((1, 4, frames, lh, lw)).astype(np.float32),
         "t": np.array([t], np.int64),
         "fs": np.array([fs], np.int64),
-        "latent_for_decode": rng.standard_normal((1, 4, T_FRAMES, lh, lw)).astype(np.float32),
+        "latent_for_decode": rng.standard_normal((1, 4, frames, lh, lw)).astype(np.float32),
         "clip_aa.image": aa,
     }
 
@@ -738,6 +740,84 @@ def _unet_out(model, inp, ablate):
                 p.remove()
 
 
+def _model_from(case: Path, config: dict):
+    """The upstream model with ``case``'s weights (its model.ckpt, or model.safetensors through a temporary .ckpt),
+    loaded by scripts/evaluation/inference.py:load_model_checkpoint."""
+    import tempfile
+
+    import torch
+
+    if (case / "model.ckpt").exists():
+        return load_checkpoint(build_model(config), case / "model.ckpt").eval()
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"state_dict": load_file(case / "model.safetensors")}, Path(tmp) / "model.ckpt")
+        return load_checkpoint(build_model(config), Path(tmp) / "model.ckpt").eval()
+
+
+def derive(args) -> None:
+    """A case at another frame count (``--frames``) on an existing case's weights (``--weights-from``): its
+    config.yaml is copied, its checkpoint referenced (case.json ``weights_from``), one DDIM run kept."""
+    import shutil
+
+    import torch
+    import yaml
+    from safetensors.numpy import save_file
+
+    base = Path(args.weights_from).resolve()
+    base_meta = json.loads((base / "case.json").read_text())
+    config = yaml.safe_load((base / "config.yaml").read_text())
+    style = base_meta["settings"]["style"]
+    spec = STYLES[style]
+    video_length = config["model"]["params"]["image_proj_stage_config"]["params"]["video_length"]
+    out_dir = Path(args.out) if args.out else REPO / "tests" / "golden" / "dynamicrafter" / args.case
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(base / "config.yaml", out_dir / "config.yaml")
+    model = _model_from(base, config)
+    inp = make_inputs(args.seed, config, spec["image_hw"], spec["t"], spec["fs"], spec["aa_hw"], frames=args.frames)
+    settings = {**base_meta["settings"], "seed": args.seed, "ddim_runs": spec["ddim_runs"][:1]}
+    out, visited = compute(model, inp, settings)
+    tol = {"atol": 1e-4, "rtol": 1e-4}
+    noise = worst(out, compute_float64(model, inp, settings), tol)
+    top = sorted(noise.items(), key=lambda kv: -kv[1]["max_err_over_tol"])[:5]
+    if top[0][1]["max_err_over_tol"] > 0.25:
+        raise SystemExit(f"float32 noise {top[0]} is too close to the tolerance {tol}; widen it")
+    save_file({k: np.ascontiguousarray(v) for k, v in inp.items()}, out_dir / "inputs.safetensors")
+    save_file(out, out_dir / "outputs.safetensors")
+    B, C, T, lh, lw = inp["noise"].shape
+    frames_note = (
+        f"T = {T} frames with the Resampler's video_length {video_length}: the image context has 16 x {video_length} "
+        f"tokens, so its length 77 + {16 * video_length} is not 77 + 16*T and the UNet takes its other branch: the "
+        f"whole context (text + every image token) is repeated for each of the T frames (every frame attends to all "
+        f"{16 * video_length} image tokens). Descriptions below that speak of the per-frame split describe the base "
+        f"case; here that split is not taken. Weights, config and everything else as {base.name}.")
+    meta = {k: v for k, v in base_meta.items() if k not in ("sizes_bytes", "float32_noise", "generator")}
+    meta.update({
+        "weights_from": f"../{base.name}",
+        "checkpoint": f"../{base.name}/" + ("model.ckpt" if (base / "model.ckpt").exists() else "model.safetensors"),
+        "checkpoint_files": {"config.yaml": f"a copy of ../{base.name}/config.yaml",
+                             "weights": f"not stored here: the checkpoint files of ../{base.name} (weights_from)"},
+        "coverage": [frames_note] + base_meta["coverage"],
+        "inputs": inputs_doc(style, config, inp),
+        "outputs": describe(style, config, inp, out, settings, visited, model),
+        "settings": settings,
+        "ddim_timesteps": visited,
+        "shapes": {**base_meta["shapes"], "T": T, "context_length": 77 + 16 * video_length},
+        "float32_noise": {"method": base_meta["float32_noise"]["method"],
+                          "worst_err_over_tolerance": top[0][1]["max_err_over_tol"], "worst_output": top[0][0]},
+        "generator": f"tools/golden/dynamicrafter.py --weights-from {base.name} --frames {T} --case {out_dir.name} "
+                     f"--seed {args.seed} (torch {torch.__version__})",
+    })
+    meta["outputs"] = {k: meta["outputs"][k] for k in out}
+    meta["sizes_bytes"] = {n: (out_dir / n).stat().st_size for n in ("config.yaml", "inputs.safetensors", "outputs.safetensors")}
+    (out_dir / "case.json").write_text(json.dumps(meta, indent=1) + "\n")
+    for f in out_dir.iterdir():
+        f.chmod(0o644)
+    print(json.dumps({"dir": str(out_dir), "sizes": meta["sizes_bytes"], "noise_top": top[:2], "outputs": len(out)},
+                     indent=1))
+
+
 def check(args) -> None:
     """Recompute a case from its own config.yaml, model.ckpt, inputs and settings; compare with its outputs."""
     import yaml
@@ -746,7 +826,7 @@ def check(args) -> None:
     case = Path(args.check)
     meta = json.loads((case / "case.json").read_text())
     config = yaml.safe_load((case / "config.yaml").read_text())
-    model = load_checkpoint(build_model(config), case / "model.ckpt").eval()
+    model = _model_from((case / meta["weights_from"]).resolve() if "weights_from" in meta else case, config)
     inp = load_file(case / "inputs.safetensors")
     expected = load_file(case / "outputs.safetensors")
     got, visited = compute(model, inp, meta["settings"])
@@ -784,6 +864,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", help="recompute this case folder and compare with its outputs.safetensors")
     ap.add_argument("--seed-check", action="store_true", help="with --check: also rebuild the weights from the seed")
+    ap.add_argument("--weights-from", help="an existing case folder whose weights and config a new case reuses")
+    ap.add_argument("--frames", type=int, help="with --weights-from: the frame count of the new case")
     args = ap.parse_args()
     import torch
 
@@ -791,6 +873,10 @@ def main() -> None:
     import_upstream(Path(args.upstream))
     if args.check:
         check(args)
+    elif args.weights_from:
+        if not (args.frames and args.case):
+            ap.error("--weights-from needs --frames and --case")
+        derive(args)
     else:
         if not (args.style and args.case):
             ap.error("--style and --case are required (or --check)")
