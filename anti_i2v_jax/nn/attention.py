@@ -165,6 +165,16 @@ def _blockwise(q, k, v, key_mask, scale, block_q, block_k):
     return _flash(q, k, v, key_mask, scale, bq, bk)
 
 
+def _tied(buffer, anchor):
+    """``buffer`` (a loop's initial accumulator, e.g. zeros) made to depend on ``anchor`` (the loop's input).
+
+    A loop needs its own copy of a constant initial value; left free, XLA's scheduler may make those copies for
+    every attention of a network at once, long before their loops run (DynamiCrafter-1024: ~14 GiB of zero
+    buffers alive together). Tied to the loop's input, a copy cannot be made before that input exists.
+    """
+    return jax.lax.optimization_barrier((buffer, anchor))[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _flash(q, k, v, key_mask, scale, bq, bk):
     return _flash_forward(q, k, v, key_mask, scale, bq, bk)[0]
@@ -176,10 +186,9 @@ def _flash_forward(q, k, v, key_mask, scale, bq, bk):
     q_blocks = _blocks(q, nq, bq)  # (nq, B, bq, H, D)
     k_blocks, v_blocks = _blocks(k, nk, bk), _blocks(v, nk, bk)  # (nk, B, bk, H, D)
     m_blocks = _blocks(key_mask, nk, bk)  # (nk, B, bk); padded keys are False
+    _, b, _, h, d = q_blocks.shape
 
     def one_query_block(qi):
-        b, _, h, d = qi.shape
-
         def key_step(carry, kv):
             m, l, acc = carry  # (B, H, bq), (B, H, bq), (B, bq, H, D)
             kj, vj, mj = kv
@@ -204,7 +213,14 @@ def _flash_forward(q, k, v, key_mask, scale, bq, bk):
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)  # (B, H, bq)
         return out.astype(q.dtype), lse
 
-    out_blocks, lse_blocks = jax.lax.map(one_query_block, q_blocks)
+    def query_block(i, carry):
+        out_blocks, lse_blocks = carry
+        out, lse = one_query_block(q_blocks[i])
+        return out_blocks.at[i].set(out), lse_blocks.at[i].set(lse)
+
+    # the outputs are loop carries written block by block, their zeros tied to the input (see _tied)
+    init = _tied((jnp.zeros(q_blocks.shape, q.dtype), jnp.zeros((nq, b, h, bq), jnp.float32)), q_blocks)
+    out_blocks, lse_blocks = jax.lax.fori_loop(0, nq, query_block, init)
     out = _unblocks(out_blocks, lq)  # (B, Lq, H, D)
     lse = _unblocks(lse_blocks, lq, axis=2)  # (nq, B, H, bq) -> (B, H, Lq)
     return out, lse
@@ -228,12 +244,13 @@ def _flash_bwd(scale, bq, bk, residuals, g):
     k_blocks, v_blocks = _blocks(k, nk, bk), _blocks(v, nk, bk)
     m_blocks = _blocks(key_mask, nk, bk)
 
-    def key_block(dq, kv):
-        kj, vj, mj = kv
+    def key_block(j, carry):
+        dq, dk_blocks, dv_blocks = carry
+        kj, vj, mj = k_blocks[j], v_blocks[j], m_blocks[j]
 
-        def query_step(carry, qs):
-            dk, dv = carry
-            qi, gi, lse_i, delta_i = qs
+        def query_block(i, inner):
+            dq, dk, dv = inner
+            qi, gi, lse_i, delta_i = q_blocks[i], g_blocks[i], lse_blocks[i], delta_blocks[i]
             s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
             p = jnp.where(mj[:, None, None, :], jnp.exp(s - lse_i[..., None]), 0.0)  # (B, H, bq, bk)
             dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p.astype(gi.dtype), gi, preferred_element_type=jnp.float32)
@@ -241,14 +258,16 @@ def _flash_bwd(scale, bq, bk, residuals, g):
             ds = p * (dp - delta_i[..., None]) * scale
             dq_i = jnp.einsum("bhqk,bkhd->bqhd", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
             dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
-            return (dk, dv), dq_i
+            return dq.at[i].add(dq_i), dk, dv
 
         zeros = jnp.zeros(kj.shape, jnp.float32)
-        (dk, dv), dq_parts = jax.lax.scan(query_step, (zeros, zeros), (q_blocks, g_blocks, lse_blocks, delta_blocks))
-        return dq + dq_parts, (dk, dv)
+        dq, dk, dv = jax.lax.fori_loop(0, nq, query_block, (dq, zeros, zeros))
+        return dq, dk_blocks.at[j].set(dk), dv_blocks.at[j].set(dv)
 
-    dq0 = jnp.zeros(q_blocks.shape, jnp.float32)
-    dq, (dk, dv) = jax.lax.scan(key_block, dq0, (k_blocks, v_blocks, m_blocks))
+    # the gradients are loop carries, their zeros tied to the incoming cotangent (see _tied)
+    init = _tied((jnp.zeros(q_blocks.shape, jnp.float32), jnp.zeros(k_blocks.shape, jnp.float32),
+                  jnp.zeros(k_blocks.shape, jnp.float32)), g_blocks)
+    dq, dk, dv = jax.lax.fori_loop(0, nk, key_block, init)
     dq = _unblocks(dq, lq).astype(q.dtype)
     dk, dv = _unblocks(dk, lk).astype(k.dtype), _unblocks(dv, lk).astype(v.dtype)
     return dq, dk, dv, None
