@@ -151,7 +151,9 @@ def conditioning_outputs(case, file_name) -> dict[str, np.ndarray]:
     vt, tt, rs = VisionTower(vision, taps=tuple(range(vision.layers))), TextTower(text, taps=tuple(range(text.layers))), Resampler(resampler)
     img = clip_preprocess(inp["image"].transpose(0, 2, 3, 1))
     rules, unused = clip_vision_rules()
-    pv, _ = convert(part("embedder."), rules, jax.eval_shape(lambda: vt.init(jax.random.PRNGKey(0), img))["params"], ignore=unused)
+    head = [r"embedder\.model\.visual\.(ln_post\..*|proj)"]  # the image head: test_clip_image_head
+    pv, _ = convert(part("embedder."), rules, jax.eval_shape(lambda: vt.init(jax.random.PRNGKey(0), img))["params"],
+                    ignore=unused + head)
     rules, unused = clip_text_rules(text.layers)
     pt, _ = convert(part("cond_stage_model."), rules,
                     jax.eval_shape(lambda: tt.init(jax.random.PRNGKey(0), inp["text_tokens"]))["params"], ignore=unused)
@@ -493,3 +495,32 @@ def test_convert_keeps_the_openclip_vocabulary_and_refuses_a_bad_one(tmp_path, c
     ids = OpenCLIPTokenizer(vocab, backbone.config.text.context_length)("a dog running")
     np.testing.assert_array_equal(backbone.tokenizer("a dog running"), ids)
     assert ids[0] == 49406 and 49407 in ids
+
+
+@needs_case
+@pytest.mark.parametrize("case", [c for c in CASES if weights(c, "model.safetensors").exists()][:1] or CASES[:1],
+                         ids=lambda c: c.name)
+def test_clip_image_head_is_open_clips_image_embedding(case):
+    """The converter keeps the image tower's ln_post and proj (DynamiCrafter never runs them) as ``clip_head``, and
+    ``image_embedding`` is open_clip's ``encode_image``: LayerNorm(class token) @ proj, recomputed here in numpy from
+    the checkpoint's own tensors."""
+    from anti_i2v_jax.backbones.dynamicrafter import DynamiCrafterBackbone
+    from anti_i2v_jax.backbones.dynamicrafter.image_encoder import VisionTower, clip_preprocess
+    from weights_convert import dynamicrafter as conv
+
+    name = "model.safetensors" if weights(case, "model.safetensors").exists() else "model.ckpt"
+    config, params, _ = conv.load(weights(case, name), case / "config.yaml")
+    source = conv.checkpoint_source(weights(case, name))
+    w = {k: np.asarray(source.load(f"embedder.model.visual.{k}"), np.float64) for k in ("ln_post.weight", "ln_post.bias", "proj")}
+    assert params["clip_head"]["proj"].shape == (config.vision.width, config.vision.embed_dim) == w["proj"].shape
+    bb = DynamiCrafterBackbone(name=case.name, config=config, params=params)
+    x = np.random.default_rng(0).uniform(size=(*bb.model_size, 3)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(bb.image_embedding(params, x))
+        tokens = np.asarray(VisionTower(config.vision).apply({"params": params["clip_image"]},
+                                                             clip_preprocess(bb.preprocess(x)[None])), np.float64)
+    cls = tokens[0, 0]
+    ln = (cls - cls.mean()) / np.sqrt(cls.var() + 1e-5) * w["ln_post.weight"] + w["ln_post.bias"]
+    np.testing.assert_allclose(got, ln @ w["proj"], rtol=1e-4, atol=1e-5)
+    del params["clip_head"]  # weights converted before the head was kept: the bare class token
+    np.testing.assert_allclose(bb.image_embedding(params, x), cls, rtol=1e-4, atol=1e-5)

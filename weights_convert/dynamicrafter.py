@@ -73,12 +73,21 @@ def clip_text_rules(layers: int, skip_last: int = 1, prefix: str = "cond_stage_m
 
 
 def clip_vision_rules(prefix: str = "embedder.model.") -> tuple[list[Rule], list[str]]:
-    """OpenCLIP vision tower as the V2 image embedder uses it; the text parts, ln_post and proj are unused."""
+    """OpenCLIP vision tower as the V2 image embedder uses it (the text parts are unused). Its ``ln_post`` and
+    ``proj``, which DynamiCrafter never runs, are kept apart (:func:`clip_head_rules`)."""
     p = prefix.replace(".", r"\.")
-    unused = [rf"{p}visual\.ln_post\..*", rf"{p}visual\.proj", rf"{p}token_embedding\.weight",
-              rf"{p}positional_embedding", rf"{p}ln_final\..*", rf"{p}text_projection", rf"{p}logit_scale",
-              rf"{p}transformer\..*"]
-    return [Rule(rf"{p}visual\..*", TORCH, sub=(rf"^{p}visual\.", ""))], unused
+    unused = [rf"{p}token_embedding\.weight", rf"{p}positional_embedding", rf"{p}ln_final\..*",
+              rf"{p}text_projection", rf"{p}logit_scale", rf"{p}transformer\..*"]
+    head = rf"{p}visual\.(ln_post\..*|proj)"
+    return [Rule(rf"(?!{head}$){p}visual\..*", TORCH, sub=(rf"^{p}visual\.", ""))], unused
+
+
+def clip_head_rules(prefix: str = "embedder.model.") -> list[Rule]:
+    """The image tower's ``ln_post`` and ``proj`` (``x @ proj``, kept as stored): the projected CLIP image embedding
+    of the attack's CLIP terms (``ImageHead``)."""
+    p = prefix.replace(".", r"\.")
+    return [Rule(rf"{p}visual\.ln_post\.weight", "ln_post/scale"), Rule(rf"{p}visual\.ln_post\.bias", "ln_post/bias"),
+            Rule(rf"{p}visual\.proj", "proj")]
 
 
 UNET_RULES = [
@@ -121,6 +130,7 @@ def rules_for(config) -> tuple[list[Rule], list[str]]:
         + _prefixed(ldm_vae_rules(len(config.vae.block_out_channels)), "vae")
         + _prefixed(text_rules, "clip_text")
         + _prefixed(vision_rules, "clip_image")
+        + _prefixed(clip_head_rules(), "clip_head")
         + _prefixed(RESAMPLER_RULES, "resampler")
     )
     return rules, [*text_unused, *vision_unused, *(rf"{b}" for b in SCHEDULE_BUFFERS)]

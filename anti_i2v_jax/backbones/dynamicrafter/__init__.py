@@ -52,7 +52,10 @@ def load_converted(path: str | Path, name: str) -> DynamiCrafterBackbone:
         raise UserError(f"{path}: converted weights of {meta.get('backbone')!r}, not dynamicrafter")
     config = from_yaml(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
     dtype = jnp.bfloat16 if meta.get("dtype") == "bfloat16" else jnp.float32
-    params = restore_converted(path, abstract_params(config), dtype)
+    abstract = abstract_params(config)
+    if not (path / "params" / "clip_head").is_dir():  # converted before the CLIP image head was kept
+        del abstract["clip_head"]
+    params = restore_converted(path, abstract, dtype)
     tokenizer = None
     if (path / "tokenizer").is_dir():
         from anti_i2v_jax.backbones.text.openclip_tokenizer import OpenCLIPTokenizer

@@ -38,6 +38,7 @@ from anti_i2v_jax.backbones.base import (
 from anti_i2v_jax.backbones.dynamicrafter import diffusion as dm
 from anti_i2v_jax.backbones.dynamicrafter.config import DynamiCrafterConfig
 from anti_i2v_jax.backbones.dynamicrafter.image_encoder import (
+    ImageHead,
     VisionTower,
     clip_preprocess,
 )
@@ -197,13 +198,17 @@ class DynamiCrafterBackbone(AdapterDefaults):
         return jnp.asarray(self.tables["sqrt_alphas_cumprod"])[noisy.t] * r
 
     def image_embedding(self, params, x) -> jax.Array:
-        """The OpenCLIP ViT-H class token of ``x`` ((H, W, 3) in [0, 1]) after the last block: a (width,)
-        global embedding. DynamiCrafter's checkpoint drops ``ln_post`` and ``proj``, so this is the token
-        they would normalise and project (cosine distances differ slightly from the projected embedding's)."""
+        """OpenCLIP ViT-H's image embedding of ``x`` ((H, W, 3) in [0, 1]): the class token after the last block,
+        ``ln_post`` and ``proj`` (``(embed_dim,)``, open_clip's ``encode_image`` before normalisation), as the CLIP
+        terms of VGMShield and Anti-I2V use it. Weights converted before the head was kept (no ``clip_head``) give
+        the bare class token (``(width,)``) instead."""
         img = self.preprocess(x)
         tokens = VisionTower(self.config.vision).apply({"params": self.cast(params["clip_image"])},
                                                        self.cast(clip_preprocess(img[None])))
-        return tokens[0, 0].astype(jnp.float32)
+        if "clip_head" not in params:
+            return tokens[0, 0].astype(jnp.float32)
+        head = ImageHead(self.config.vision).apply({"params": self.cast(params["clip_head"])}, tokens)
+        return head[0].astype(jnp.float32)
 
     def unet_apply(self, params, z_t, c_concat, t, context, taps: Sequence[int] = ()):
         """Batched U-Net: (B, T, h, w, 4) x2 -> output and {layer index: block output (B*T, h', w', C)}."""
@@ -259,14 +264,18 @@ def abstract_params(config: DynamiCrafterConfig) -> dict:
     text = jax.eval_shape(TextTower(config.text).init, key, jnp.zeros((1, config.text.context_length), jnp.int32))
     tokens = 1 + (config.vision.image_size // config.vision.patch_size) ** 2
     resampler = jax.eval_shape(Resampler(config.resampler).init, key, jnp.zeros((1, tokens, config.vision.width)))
+    head = jax.eval_shape(ImageHead(config.vision).init, key, jnp.zeros((1, tokens, config.vision.width)))
     return {"unet": unet["params"], "vae": vae["params"], "clip_image": vision["params"], "clip_text": text["params"],
-            "resampler": resampler["params"]}
+            "resampler": resampler["params"], "clip_head": head["params"]}
 
 
 def init_params(config: DynamiCrafterConfig, seed: int = 0) -> dict:
     """Seeded random parameters (tiny demo backbone and tests), without a forward pass."""
     rng = np.random.default_rng(seed)
     small = lambda shape: rng.standard_normal(shape) * 0.02  # noqa: E731
+    # the CLIP image head's projection from its own generator, so that every other tensor keeps its values
+    head = lambda shape: np.random.default_rng(seed + 1).standard_normal(shape) / np.sqrt(shape[0])  # noqa: E731
     return seeded_params(abstract_params(config), seed, {
         "class_embedding": small, "positional_embedding": small, "in_proj_weight": small, "latents": small,
+        "proj": head,
     })

@@ -16,6 +16,7 @@ from anti_i2v_jax.nn.autoencoder_kl import AutoencoderKLConfig
 
 # open_clip ViT-H-14 (model_configs/ViT-H-14.json), the towers DynamiCrafter names by registry id
 VIT_H_14 = {
+    "embed_dim": 1024,
     "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
 }
@@ -102,7 +103,8 @@ def from_yaml(raw: dict[str, Any], where: str = "config.yaml") -> DynamiCrafterC
     return DynamiCrafterConfig(
         unet=UNetConfig.from_ldm(p["unet_config"]["params"], where + "[unet_config]"),
         vae=_ldm_vae(p["first_stage_config"]["params"]["ddconfig"], where + "[first_stage_config]"),
-        vision=parse_config(VisionConfig, arch["vision_cfg"], frozenset(), where + "[vision_cfg]"),
+        vision=dataclasses.replace(parse_config(VisionConfig, arch["vision_cfg"], frozenset(), where + "[vision_cfg]"),
+                                   embed_dim=int(arch.get("embed_dim", 1024))),
         text=text,
         resampler=parse_config(ResamplerConfig, p["image_proj_stage_config"]["params"], frozenset(), where + "[resampler]"),
         diffusion=diffusion,
@@ -121,7 +123,7 @@ def tiny(**overrides: Any) -> DynamiCrafterConfig:
     return DynamiCrafterConfig(
         unet=unet,
         vae=AutoencoderKLConfig(block_out_channels=(32, 32, 32), layers_per_block=1, norm_num_groups=32),
-        vision=VisionConfig(layers=2, width=48, head_width=16),
+        vision=VisionConfig(layers=2, width=48, head_width=16, embed_dim=24),
         text=TextConfig(vocab_size=1000, width=32, heads=2, layers=3),
         resampler=ResamplerConfig(dim=40, depth=2, dim_head=8, heads=3, num_queries=16, embedding_dim=48,
                                   output_dim=32, ff_mult=2, video_length=4),

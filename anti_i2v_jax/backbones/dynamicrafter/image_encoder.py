@@ -26,6 +26,7 @@ class VisionConfig:
     head_width: int = 80
     patch_size: int = 14
     mlp_ratio: float = 4.0
+    embed_dim: int = 1024  # the open_clip model's embed_dim: the output width of ``visual.proj`` (ImageHead)
 
     @property
     def heads(self) -> int:
@@ -48,6 +49,21 @@ class VisionTower(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.width)).astype(x.dtype), x], axis=1) + pos
         x = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="ln_pre")(x)
         return Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, taps=self.taps, name="transformer")(x)
+
+
+class ImageHead(nn.Module):
+    """open_clip's image embedding from the tower's tokens: ``ln_post`` on the class token, then ``@ proj``
+    (``VisionTransformer`` with ``tok`` pooling, as ViT-H-14). DynamiCrafter's image path never uses it (it feeds the
+    Resampler the tokens); the CLIP terms of the attack do."""
+
+    config: VisionConfig
+
+    @nn.compact
+    def __call__(self, tokens):  # (B, 1 + g*g, W) -> (B, embed_dim)
+        cfg = self.config
+        pooled = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="ln_post")(tokens[:, 0])
+        proj = self.param("proj", nn.initializers.normal(cfg.width**-0.5), (cfg.width, cfg.embed_dim))
+        return pooled @ proj.astype(pooled.dtype)
 
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
