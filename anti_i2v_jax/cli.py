@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: none; those terms run without LPIPS and the report says so)")
     p.add_argument("--lpips-heads", type=Path, metavar="PTH",
                    help="the LPIPS linear heads: the lpips package's weights/v0.1/vgg.pth (with --lpips)")
+    p.add_argument("--clip", type=Path, metavar="FILE",
+                   help="an OpenCLIP image encoder for the CLIP terms (anti-i2v's auxiliary loss, VGMShield) on "
+                        "backbones without one (CogVideoX, Open-Sora): open_clip_pytorch_model.bin (or .safetensors) "
+                        "of laion/CLIP-ViT-H-14-laion2B-s32B-b79K (default: none; DynamiCrafter uses its own)")
     p.add_argument("--out", type=Path, default=Path("protected"), help="output folder (default ./protected)")
     p.add_argument("--devices", type=int, default=1, help="protect this many images at once, one per device")
     p.add_argument("--per-device", type=int, default=1, metavar="K",
@@ -236,6 +240,12 @@ def _protect(args: argparse.Namespace) -> int:
         if not hasattr(backbone, "with_lpips"):
             raise UserError(f"backbone {backbone.name!r} cannot carry LPIPS; drop --lpips")
         backbone = backbone.with_lpips(lpips.load(args.lpips, args.lpips_heads))
+    if args.clip:
+        from anti_i2v_jax.nn import openclip_image
+
+        if not hasattr(backbone, "with_clip"):
+            raise UserError(f"backbone {backbone.name!r} cannot carry a CLIP encoder; drop --clip")
+        backbone = backbone.with_clip(openclip_image.load(args.clip))
     for path, im in zip(args.inputs, images):
         try:
             check_image(im, backbone)
@@ -353,6 +363,7 @@ def _write_outputs(args, protector, backbone_name, src: Path, input_shape, origi
         else None,
         "reference_video": reference,
         "lpips": getattr(getattr(protector.backbone, "lpips", None), "source", None),
+        "clip": getattr(getattr(protector.backbone, "clip", None), "source", None),
         "terms_off": protector.term_notes,
         "settings": config.to_dict(),
         "size": list(original.shape[:2]),

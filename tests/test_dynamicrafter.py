@@ -7,6 +7,7 @@ import functools
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from fixtures import assert_close, case_dirs, load_case, output_params
@@ -505,7 +506,10 @@ def test_clip_image_head_is_open_clips_image_embedding(case):
     ``image_embedding`` is open_clip's ``encode_image``: LayerNorm(class token) @ proj, recomputed here in numpy from
     the checkpoint's own tensors."""
     from anti_i2v_jax.backbones.dynamicrafter import DynamiCrafterBackbone
-    from anti_i2v_jax.backbones.dynamicrafter.image_encoder import VisionTower, clip_preprocess
+    from anti_i2v_jax.backbones.dynamicrafter.image_encoder import (
+        VisionTower,
+        clip_preprocess,
+    )
     from weights_convert import dynamicrafter as conv
 
     name = "model.safetensors" if weights(case, "model.safetensors").exists() else "model.ckpt"
@@ -524,3 +528,45 @@ def test_clip_image_head_is_open_clips_image_embedding(case):
     np.testing.assert_allclose(got, ln @ w["proj"], rtol=1e-4, atol=1e-5)
     del params["clip_head"]  # weights converted before the head was kept: the bare class token
     np.testing.assert_allclose(bb.image_embedding(params, x), cls, rtol=1e-4, atol=1e-5)
+
+
+@needs_case
+@needs_torch
+def test_an_openclip_file_gives_other_backbones_the_clip_terms(tmp_path):
+    """An open_clip checkpoint (here the image/text towers of a case, saved under open_clip's own key names) loads
+    with every key checked, embeds an image as DynamiCrafter's own tower does with the same weights, and gives
+    cogvideox-tiny VGMShield's CLIP term."""
+    import yaml
+
+    from anti_i2v_jax import AttackConfig, Protector, resolve_terms
+    from anti_i2v_jax.backbones.dynamicrafter import DynamiCrafterBackbone
+    from anti_i2v_jax.backbones.registry import load
+    from anti_i2v_jax.nn import openclip_image
+    from weights_convert import dynamicrafter as conv
+
+    case = next(c for c in CASES if weights(c, "model.safetensors").exists() or weights(c, "model.ckpt").exists())
+    name = "model.safetensors" if weights(case, "model.safetensors").exists() else "model.ckpt"
+    source = conv.checkpoint_source(weights(case, name))
+    state = {k[len("embedder.model."):]: torch.from_numpy(np.ascontiguousarray(source.load(k)))
+             for k in source.keys() if k.startswith("embedder.model.")}
+    torch.save(state, tmp_path / "open_clip_pytorch_model.bin")
+    arch = yaml.safe_load((case / "config.yaml").read_text())["model"]["params"]["img_cond_stage_config"]["params"]["arch"]
+    model = openclip_image.load(tmp_path / "open_clip_pytorch_model.bin", arch)
+
+    config, params, _ = conv.load(weights(case, name), case / "config.yaml")
+    dc = DynamiCrafterBackbone(name=case.name, config=config, params=params)
+    x = jnp.asarray(np.random.default_rng(1).uniform(size=(*dc.model_size, 3)).astype(np.float32))
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(model(model.params, x), dc.image_embedding(params, x), rtol=1e-4, atol=1e-5)
+
+    del state["visual.proj"]
+    torch.save(state, tmp_path / "no_proj.bin")
+    with pytest.raises(UserError, match="head/proj"):
+        openclip_image.load(tmp_path / "no_proj.bin", arch)
+
+    cog = load("cogvideox-tiny").with_clip(model)
+    vgm = AttackConfig.for_method("vgmshield", steps=2, chunk_size=2, checkpoint_every=2)
+    assert resolve_terms(cog, vgm)[0].term_names == ("vgm_vae", "vgm_clip")
+    image = (np.random.default_rng(2).uniform(size=(64, 64, 3)) * 255).astype(np.uint8)
+    result = Protector(cog, vgm).protect([image])[0]
+    assert np.all(np.isfinite(result.history["vgm_clip"])) and result.history["vgm_clip"][-1] > 0

@@ -120,6 +120,9 @@ def _fingerprint(backbone: Backbone, config: AttackConfig, *arrays: np.ndarray, 
     lpips = getattr(backbone, "lpips", None)
     if lpips is not None:  # other LPIPS weights are another run (runs without LPIPS keep their old fingerprint)
         run.append(lpips.source)
+    clip = getattr(backbone, "clip", None)
+    if clip is not None:  # likewise an attached CLIP image encoder
+        run.append(["clip", clip.source])
     h.update(json.dumps(run, sort_keys=True).encode())
     reference = getattr(backbone, "reference_latents", None)  # another reference video is another run
     for a in (*arrays, *([] if reference is None else [np.asarray(reference)])):

@@ -211,12 +211,14 @@ def provides(backbone: Backbone, part: str) -> bool:
     """Whether ``backbone`` has the optional ``part`` (a key of ``PART_MISSING``)."""
     if part == "lpips":
         return getattr(backbone, "lpips", None) is not None
+    if part == "image_embedding":  # an attached OpenCLIP encoder, or an image tower of the backbone's own
+        return getattr(backbone, "clip", None) is not None or hasattr(backbone, "_own_image_embedding")
     return hasattr(backbone, part)
 
 
 # Why a part is absent, for the notes (formatted with the backbone's name).
 PART_MISSING = {
-    "image_embedding": "{name} has no CLIP image encoder",
+    "image_embedding": "{name} has no CLIP image encoder (--clip gives one)",
     "lpips": "no LPIPS-VGG weights were given (--lpips)",
 }
 

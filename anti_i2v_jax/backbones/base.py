@@ -17,8 +17,9 @@ Conventions every adapter follows:
   parameterisation (eps, v or velocity) together with the requested block taps;
 * ``eps_residual`` converts a prediction to ``eps_hat - eps`` (eps: itself; v: ``sqrt(a_t) (v_hat - v)``;
   rectified flow: ``-(1 - t/T) (v_hat - v)``), so score distillation has one sign on every backbone;
-* an adapter may expose ``image_embedding(params, x)``, a global image embedding (DynamiCrafter's OpenCLIP
-  image tower) for the CLIP terms of VGMShield and of Anti-I2V's auxiliary loss;
+* ``image_embedding(params, x)`` is a global CLIP image embedding for the CLIP terms of VGMShield and of
+  Anti-I2V's auxiliary loss: an attached OpenCLIP encoder's (``with_clip``), else an image tower of the adapter's
+  own (``_own_image_embedding``: DynamiCrafter's OpenCLIP ViT-H);
 * an adapter may expose ``attack_params``, the subset (or re-layout) of its parameters a protection step
   needs; the attack then holds only those and passes them to every method;
 * an adapter may carry LPIPS-VGG (``with_lpips(model)``: a field ``lpips``, its parameters under
@@ -156,9 +157,30 @@ class AdapterDefaults:
 
         return dataclasses.replace(self, lpips=model)
 
+    def with_clip(self, model):
+        """A copy carrying an OpenCLIP image encoder (:class:`anti_i2v_jax.nn.openclip_image.CLIPImageModel`, or
+        None to drop it) for the CLIP terms; it takes precedence over an image tower of the backbone's own."""
+        import dataclasses
+
+        return dataclasses.replace(self, clip=model)
+
     def _lpips_params(self) -> dict:
-        """``{"lpips": params}`` for :attr:`attack_params` when LPIPS is attached, else ``{}``."""
-        return {} if self.lpips is None else {"lpips": self.lpips.params}
+        """The attached models' parameters for :attr:`attack_params`: ``"lpips"`` and ``"clip_model"`` when
+        attached."""
+        out = {} if self.lpips is None else {"lpips": self.lpips.params}
+        if getattr(self, "clip", None) is not None:
+            out["clip_model"] = self.clip.params
+        return out
+
+    def image_embedding(self, params, x) -> jax.Array:
+        """A global CLIP image embedding of ``x`` ((H, W, 3) in [0, 1]): the attached encoder's (:meth:`with_clip`),
+        else the backbone's own image tower's (``_own_image_embedding``, DynamiCrafter)."""
+        if getattr(self, "clip", None) is not None:
+            return self.clip(params["clip_model"], self.cast(x))
+        own = getattr(self, "_own_image_embedding", None)
+        if own is None:
+            raise ValueError(f"{self.name} has no CLIP image encoder: use with_clip(anti_i2v_jax.nn.openclip_image.load(...))")
+        return own(params, x)
 
     def perceptual_distance(self, params, x, y) -> jax.Array:
         """LPIPS-VGG between two images (H, W, 3) in [0, 1] at their own size (needs :meth:`with_lpips`)."""

@@ -100,6 +100,7 @@ class DynamiCrafterBackbone(AdapterDefaults):
     layers: LayerDefaults = None  # type: ignore[assignment]
     precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
     lpips: Any = None  # LPIPS-VGG (anti_i2v_jax.nn.lpips.LPIPSModel) for the perceptual terms: with_lpips
+    clip: Any = None  # an OpenCLIP image encoder (anti_i2v_jax.nn.openclip_image) for the CLIP terms: with_clip
 
     default_layers = staticmethod(default_layers)
     denoiser_config = "unet"
@@ -197,7 +198,7 @@ class DynamiCrafterBackbone(AdapterDefaults):
             return r
         return jnp.asarray(self.tables["sqrt_alphas_cumprod"])[noisy.t] * r
 
-    def image_embedding(self, params, x) -> jax.Array:
+    def _own_image_embedding(self, params, x) -> jax.Array:
         """OpenCLIP ViT-H's image embedding of ``x`` ((H, W, 3) in [0, 1]): the class token after the last block,
         ``ln_post`` and ``proj`` (``(embed_dim,)``, open_clip's ``encode_image`` before normalisation), as the CLIP
         terms of VGMShield and Anti-I2V use it. Weights converted before the head was kept (no ``clip_head``) give

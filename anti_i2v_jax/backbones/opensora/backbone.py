@@ -100,6 +100,7 @@ class OpenSoraBackbone(AdapterDefaults):
     layers: LayerDefaults = None  # type: ignore[assignment]
     precision: str = "fp32"  # "bf16": bfloat16 weights and matmuls (anti_i2v_jax.precision)
     lpips: Any = None  # LPIPS-VGG (anti_i2v_jax.nn.lpips.LPIPSModel) for the perceptual terms: with_lpips
+    clip: Any = None  # an OpenCLIP image encoder (anti_i2v_jax.nn.openclip_image) for the CLIP terms: with_clip
 
     default_layers = staticmethod(default_layers)
     denoiser_config = "stdit"
