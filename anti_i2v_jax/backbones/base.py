@@ -164,7 +164,7 @@ class AdapterDefaults:
 
         return dataclasses.replace(self, clip=model)
 
-    def _lpips_params(self) -> dict:
+    def _attached_params(self) -> dict:
         """The attached models' parameters for :attr:`attack_params`: ``"lpips"`` and ``"clip_model"`` when
         attached."""
         out = {} if self.lpips is None else {"lpips": self.lpips.params}

@@ -139,7 +139,7 @@ class CogVideoXBackbone(AdapterDefaults):
         """What a protection step needs: the image encoder with its temporal taps summed (exact for one
         frame, a third of the encoder's weights, no decoder) and the transformer."""
         return self.cast({"vae_image": image_encoder_params(self.params["vae"]), "transformer": self.params["transformer"],
-                          **self._lpips_params()})
+                          **self._attached_params()})
 
     def encode_image(self, params, x, key=None, *, vae_layers: Sequence[str] = ()):
         """Image latent z (1, h, w, C), unscaled, and the requested VAE taps (of one 1-frame encode).

@@ -114,7 +114,7 @@ class DynamiCrafterBackbone(AdapterDefaults):
         """Everything a step runs: no VAE decoder (the step never decodes) and no text tower (prompts are
         encoded once, before the loop, from :attr:`params`)."""
         vae = {k: v for k, v in self.params["vae"].items() if k not in ("decoder", "post_quant_conv")}
-        return self.cast({**{k: v for k, v in self.params.items() if k != "clip_text"}, "vae": vae, **self._lpips_params()})
+        return self.cast({**{k: v for k, v in self.params.items() if k != "clip_text"}, "vae": vae, **self._attached_params()})
 
     @property
     def geometry(self) -> Geometry:

@@ -111,7 +111,7 @@ class OpenSoraBackbone(AdapterDefaults):
         vae = self.params["vae"]
         keep = {part: {k: v for k, v in vae[part].items() if k in ("encoder", "quant_conv")}
                 for part in ("spatial_vae", "temporal_vae")}
-        return self.cast({"vae": keep, "stdit": self.params["stdit"], **self._lpips_params()})
+        return self.cast({"vae": keep, "stdit": self.params["stdit"], **self._attached_params()})
 
     @property
     def geometry(self) -> Geometry:
