@@ -106,7 +106,7 @@ def test_backbones_lists_the_registry(capsys, double_registered):
     assert code == 0 and "test-double" in out and "built in" in out
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # CI time: precision and remat are tested on each backbone's own step
 def test_precision_and_remat_reach_a_real_backbone_and_the_report(tmp_path, image, capsys):
     src = tmp_path / "face.png"
     save_image(src, image)

@@ -82,6 +82,7 @@ def test_adapter_condition_noise_and_denoise_shapes():
     assert not np.allclose(text, bb.encode_text(bb.params, "a cat"))
 
 
+@pytest.mark.heavy  # CI time: the CogVideoX parity cases and cogvideox-tiny protection runs cover this path
 def test_gradient_reaches_the_image_through_the_vae_and_transformer():
     bb = tiny_backbone()
     x = jnp.asarray(np.random.default_rng(1).random((64, 64, 3)), jnp.float32)

@@ -327,8 +327,10 @@ def _case_file_params():
         for f in FILES:
             name = f.values[0] if hasattr(f, "values") else f
             if weights(case, name).exists():
-                out.append(pytest.param(case, output, name, id=f"{param.id}:{name}",
-                                        marks=getattr(f, "marks", ())))
+                marks = list(getattr(f, "marks", ()))
+                if weights(case, name) != case / name:  # a case on another case's model: the heavy tier (CI time)
+                    marks.append(pytest.mark.heavy)
+                out.append(pytest.param(case, output, name, id=f"{param.id}:{name}", marks=marks))
     return out
 
 

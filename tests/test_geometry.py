@@ -149,7 +149,7 @@ def test_a_resume_at_another_geometry_is_another_run():
     assert a != _fingerprint(bb.with_geometry(fps=8), config, image, prompts=["p"])
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # CI time: the one-step geometry tests cover each backbone; this is the CLI command
 def test_cli_protect_and_generate_at_another_geometry(tmp_path, capsys):
     from anti_i2v_jax.cli import main
 

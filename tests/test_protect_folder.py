@@ -64,6 +64,7 @@ def test_output_inside_the_input_is_refused(tmp_path, image, protect_folder, dou
     assert "inside the input folder" in capsys.readouterr().err
 
 
+@pytest.mark.heavy  # CI time: tests/test_attack.py checks several images per device on the same executor
 def test_several_images_per_device(tmp_path, image, backbone, protect_folder, double_registered):
     src = tmp_path / "in"
     flips = [image, image[::-1].copy(), image[:, ::-1].copy()]
