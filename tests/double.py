@@ -92,8 +92,11 @@ class TinyBackbone:
     def attack_params(self):
         return {**self.params, **({} if self.lpips is None else {"lpips": self.lpips.params})}
 
-    def perceptual_distance(self, params, x, y):
-        return self.lpips(params["lpips"], x, y)
+    def perceptual_features(self, params, y):
+        return self.lpips.features(params["lpips"], y)
+
+    def perceptual_distance(self, params, x, y_features):
+        return self.lpips.distance_to(params["lpips"], x, y_features)
 
     @classmethod
     def create(cls, seed: int = 0, **kw) -> TinyBackbone:

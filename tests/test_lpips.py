@@ -68,6 +68,9 @@ def test_lpips_model_of_single_images_and_identity(case):
     value, g = jax.jit(jax.value_and_grad(lambda a: model(model.params, a, x)))(x + 0.0)
     assert abs(float(value)) < 1e-9  # zero up to the batched convolution's rounding of identical halves
     assert np.all(np.isfinite(g))  # zero distance and all-zero ReLU positions keep a finite gradient
+    y = jnp.asarray(load_file(CASE / "inputs.safetensors")["odd.y"][0].transpose(1, 2, 0))
+    split = jax.jit(lambda a, b: model.distance_to(model.params, a, model.features(model.params, b)))(x, y)
+    np.testing.assert_allclose(split, jax.jit(lambda a, b: model(model.params, a, b))(x, y), rtol=1e-5)
 
 
 def test_lpips_loads_from_torchvision_and_lpips_files(case, tmp_path):

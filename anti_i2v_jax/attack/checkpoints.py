@@ -119,7 +119,7 @@ def _fingerprint(backbone: Backbone, config: AttackConfig, *arrays: np.ndarray, 
            getattr(backbone, "precision", None)]
     lpips = getattr(backbone, "lpips", None)
     if lpips is not None:  # other LPIPS weights are another run (runs without LPIPS keep their old fingerprint)
-        run.append(lpips.source)
+        run.append(["lpips", lpips.source])
     clip = getattr(backbone, "clip", None)
     if clip is not None:  # likewise an attached CLIP image encoder
         run.append(["clip", clip.source])

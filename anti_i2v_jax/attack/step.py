@@ -70,6 +70,8 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
             anchor["target_cond"], anchor["target_vae"] = backbone.condition(
                 params, target, None, vae_layers=vae_taps
             )
+        if need_lpips:  # the clean photo's LPIPS features, the reference of every step
+            anchor["lpips_clean"] = backbone.perceptual_features(params, x0)
         if need_clip:
             anchor["clip_clean"] = backbone.image_embedding(params, x0)
             if vgm_on_target:
@@ -121,7 +123,7 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
                     emb, anchor["clip_target" if config.vgm_directed else "clip_clean"]
                 )
         if need_lpips:  # to the clean image in both VGMShield modes (MMVGM), and in Anti-I2V's aux
-            perceptual = backbone.perceptual_distance(params, x_adv, x0)
+            perceptual = backbone.perceptual_distance(params, x_adv, anchor["lpips_clean"])
             if "aux" in names:
                 terms["aux"] = terms.get("aux", 0.0) + perceptual
             if "vgm_lpips" in names:

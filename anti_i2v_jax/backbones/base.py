@@ -23,7 +23,8 @@ Conventions every adapter follows:
 * an adapter may expose ``attack_params``, the subset (or re-layout) of its parameters a protection step
   needs; the attack then holds only those and passes them to every method;
 * an adapter may carry LPIPS-VGG (``with_lpips(model)``: a field ``lpips``, its parameters under
-  ``attack_params["lpips"]``, and ``perceptual_distance(params, x, y)``) for the LPIPS terms of Anti-I2V's
+  ``attack_params["lpips"]``, ``perceptual_features(params, y)`` and ``perceptual_distance(params, x,
+  y_features)``) for the LPIPS terms of Anti-I2V's
   auxiliary loss and of VGMShield. LPIPS belongs to no backbone; it rides on the adapter so that every entry
   point (``Protector``, ``make_protect_fn``, the memory report) passes it as a step parameter like the rest.
 """
@@ -146,9 +147,9 @@ class Backbone(Protocol):
 
 
 class AdapterDefaults:
-    """Shared by the adapters (frozen dataclasses with ``config``, ``layers``, ``min_input_side`` and
-    ``lpips``): the model size from ``config.height``/``config.width``, the two defaults filled in when left
-    unset (``layers`` from the adapter's ``default_layers(config)``), and the LPIPS attachment."""
+    """Shared by the adapters (frozen dataclasses with ``config``, ``layers``, ``min_input_side``, ``lpips`` and
+    ``clip``): the model size from ``config.height``/``config.width``, the two defaults filled in when left
+    unset (``layers`` from the adapter's ``default_layers(config)``), and the LPIPS and CLIP attachments."""
 
     def with_lpips(self, model):
         """A copy carrying LPIPS-VGG (:class:`anti_i2v_jax.nn.lpips.LPIPSModel`, or None to drop it) for the
@@ -182,11 +183,19 @@ class AdapterDefaults:
             raise ValueError(f"{self.name} has no CLIP image encoder: use with_clip(anti_i2v_jax.nn.openclip_image.load(...))")
         return own(params, x)
 
-    def perceptual_distance(self, params, x, y) -> jax.Array:
-        """LPIPS-VGG between two images (H, W, 3) in [0, 1] at their own size (needs :meth:`with_lpips`)."""
+    def _lpips_model(self):
         if self.lpips is None:
             raise ValueError(f"{self.name} carries no LPIPS model: use with_lpips(anti_i2v_jax.nn.lpips.load(...))")
-        return self.lpips(params["lpips"], self.cast(x), self.cast(y)).astype(jnp.float32)
+        return self.lpips
+
+    def perceptual_features(self, params, y):
+        """LPIPS-VGG features of a reference image (H, W, 3) in [0, 1], computed once (needs :meth:`with_lpips`)."""
+        return self._lpips_model().features(params["lpips"], self.cast(y))
+
+    def perceptual_distance(self, params, x, y_features) -> jax.Array:
+        """LPIPS-VGG between ``x`` (H, W, 3) in [0, 1] and the image of ``y_features`` (:meth:`perceptual_features`),
+        each at its own size."""
+        return self._lpips_model().distance_to(params["lpips"], self.cast(x), y_features).astype(jnp.float32)
 
     @property
     def model_size(self) -> tuple[int, int]:

@@ -74,27 +74,36 @@ class VGG16Features(nn.Module):
 
 class LPIPS(nn.Module):
     """``LPIPS(x, y)``: two batches (N, H, W, 3) in [0, 1] -> (N, 5), each stage's share of the distance (the
-    distance is their sum)."""
+    distance is their sum). ``features`` and ``shares`` split it, so that a fixed reference image's features
+    are computed once (the attack compares every step's image with the same clean photo)."""
 
-    @nn.compact
-    def __call__(self, x, y):
+    def setup(self):
+        self.vgg = VGG16Features()
+        self.heads = [self.param(f"lin{k}", nn.initializers.ones, (c,), jnp.float32)
+                      for k, c in enumerate(STAGE_CHANNELS)]
+
+    def features(self, x):
+        """The five stages of ``x`` (N, H, W, 3) in [0, 1], unit-normalised over channels (float32)."""
         shift = jnp.asarray(SHIFT, jnp.float32)
         scale = jnp.asarray(SCALE, jnp.float32)
-        prep = lambda im: ((2.0 * im.astype(jnp.float32) - 1.0) - shift) / scale  # noqa: E731
-        trunk = VGG16Features(name="vgg")
-        n = x.shape[0]
-        feats = trunk(jnp.concatenate([prep(x), prep(y)], axis=0).astype(x.dtype))  # one pass over both
-        shares = []
-        for k, (f, c) in enumerate(zip(feats, STAGE_CHANNELS)):
+        out = []
+        for f in self.vgg((((2.0 * x.astype(jnp.float32) - 1.0) - shift) / scale).astype(x.dtype)):
             f = f.astype(jnp.float32)
             sq = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
             # |f| with a finite gradient where a position's features are all zero (ReLU), same values
             norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
-            f = f / (norm + NORM_EPS)
-            diff = jnp.square(f[:n] - f[n:])  # (N, h, w, C)
-            weight = self.param(f"lin{k}", nn.initializers.ones, (c,), jnp.float32)
-            shares.append(jnp.mean(jnp.einsum("nhwc,c->nhw", diff, weight), axis=(1, 2)))
-        return jnp.stack(shares, axis=-1)
+            out.append(f / (norm + NORM_EPS))
+        return out
+
+    def shares(self, fx, fy):
+        """(N, 5): each stage's head-weighted mean squared difference of two ``features`` results."""
+        return jnp.stack([jnp.mean(jnp.einsum("nhwc,c->nhw", jnp.square(a - b), w), axis=(1, 2))
+                          for a, b, w in zip(fx, fy, self.heads)], axis=-1)
+
+    def __call__(self, x, y):
+        n = x.shape[0]
+        feats = self.features(jnp.concatenate([x, y], axis=0))  # one pass over both
+        return self.shares([f[:n] for f in feats], [f[n:] for f in feats])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +120,15 @@ class LPIPSModel:
             x, y = x[None], y[None]
         d = jnp.sum(LPIPS().apply({"params": params}, x, y), axis=-1)
         return d[0] if single else d
+
+    def features(self, params, y):
+        """The features of one image (H, W, 3) in [0, 1], to compare many images with (:meth:`distance_to`)."""
+        return LPIPS().apply({"params": params}, y[None], method=LPIPS.features)
+
+    def distance_to(self, params, x, y_features):
+        """LPIPS between one image (H, W, 3) and an image whose :meth:`features` are ``y_features``."""
+        fx = LPIPS().apply({"params": params}, x[None], method=LPIPS.features)
+        return jnp.sum(LPIPS().apply({"params": params}, fx, y_features, method=LPIPS.shares), axis=-1)[0]
 
 
 def abstract_params() -> dict:
