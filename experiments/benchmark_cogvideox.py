@@ -113,6 +113,23 @@ def print_jax_only_table(title: str, result: dict) -> None:
     print(f"| loss | {float(result['first'][0]):.6f} | |")
 
 
+def print_comparison(title: str, upstream: str, pt: dict, jx: dict, grad_pt: np.ndarray, grad_jx: np.ndarray) -> None:
+    """The side-by-side table: step time, peak RSS, first step / compile, loss, and the gradient to the image."""
+    rel = float(np.linalg.norm(grad_jx - grad_pt) / np.linalg.norm(grad_pt))
+    sign = float(np.mean(np.sign(grad_jx) == np.sign(grad_pt)))
+    print(title)
+    print(f"| | {upstream} | JAX (jit) | JAX / PyTorch |")
+    print("|---|---|---|---|")
+    print(f"| median step | {pt['median_s'] * 1e3:.0f} ms | {jx['median_s'] * 1e3:.0f} ms | "
+          f"{jx['median_s'] / pt['median_s']:.2f}x |")
+    print(f"| peak RSS during the steps | {pt['peak_rss_mb']:.0f} MB | {jx['peak_rss_mb']:.0f} MB | "
+          f"{jx['peak_rss_mb'] / pt['peak_rss_mb']:.2f}x |")
+    print(f"| first step / compile | {pt['first_s']:.1f} s (eager) | {jx['compile_s']:.1f} s (compile) | |")
+    print(f"| loss | {pt['loss']:.6f} | {jx['loss']:.6f} | diff {abs(pt['loss'] - jx['loss']):.1e} |")
+    print(f"| gradient to the image | norm {pt['grad_norm']:.4g} | norm {jx['grad_norm']:.4g} | "
+          f"rel. diff {rel:.1e}, signs agree {100 * sign:.2f}% |")
+
+
 class PeakRSS:
     """Peak RSS while the block runs, sampled every millisecond in a thread (weights + activations + runtime)."""
 

@@ -31,7 +31,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchmark_cogvideox import measure_jitted, print_jax_only_table, time_repeats  # noqa: E402
+from benchmark_cogvideox import (  # noqa: E402
+    measure_jitted,
+    print_comparison,
+    print_jax_only_table,
+    time_repeats,
+)
 
 SIZE, FRAMES, LATENT_FRAMES, TEXT_LEN, VALID = 64, 17, 5, 300, 20
 T = 700.0  # the fixed timestep (upstream units, 0..1000)
@@ -248,22 +253,10 @@ def main() -> None:
         if not (folder / "inputs.npz").exists():
             run("build", args.upstream_python)
         pt, jx = run("torch", args.upstream_python), run("jax", sys.executable)
-        g_pt, g_jx = np.load(folder / "grad_torch.npy"), np.load(folder / "grad_jax.npy")
-    rel = float(np.linalg.norm(g_jx - g_pt) / np.linalg.norm(g_pt))
-    sign = float(np.mean(np.sign(g_jx) == np.sign(g_pt)))
-    print(f"Open-Sora attack step (VAE encode + 4-pair STDiT3 + grad to a {SIZE}x{SIZE} image, {FRAMES} frames), "
-          f"{jx['params'] / 1e6:.0f}M params, {args.repeats} repeats, device {jx['device']}")
-    print("| | Open-Sora v1.2.0 (eager) | JAX (jit) | JAX / PyTorch |")
-    print("|---|---|---|---|")
-    print(f"| median step | {pt['median_s'] * 1e3:.0f} ms | {jx['median_s'] * 1e3:.0f} ms | "
-          f"{jx['median_s'] / pt['median_s']:.2f}x |")
-    print(f"| peak RSS during the steps | {pt['peak_rss_mb']:.0f} MB | {jx['peak_rss_mb']:.0f} MB | "
-          f"{jx['peak_rss_mb'] / pt['peak_rss_mb']:.2f}x |")
-    print(f"| first step / compile | {pt['first_s']:.1f} s (eager) | {jx['compile_s']:.1f} s (compile) | |")
-    print(f"| loss | {pt['loss']:.6f} | {jx['loss']:.6f} | diff {abs(pt['loss'] - jx['loss']):.1e} |")
-    print(f"| gradient to the image | norm {pt['grad_norm']:.4g} | norm {jx['grad_norm']:.4g} | "
-          f"rel. diff {rel:.1e}, signs agree {100 * sign:.2f}% |")
-
+        grads = np.load(folder / "grad_torch.npy"), np.load(folder / "grad_jax.npy")
+    print_comparison(f"Open-Sora attack step (VAE encode + 4-pair STDiT3 + grad to a {SIZE}x{SIZE} image, {FRAMES} "
+                     f"frames), {jx['params'] / 1e6:.0f}M params, {args.repeats} repeats, device {jx['device']}",
+                     "Open-Sora v1.2.0 (eager)", pt, jx, *grads)
 
 if __name__ == "__main__":
     main()
