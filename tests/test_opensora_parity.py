@@ -76,24 +76,22 @@ def opensora_outputs(case) -> dict[str, np.ndarray]:
     out["loss"] = np.asarray(losses)
     out["loss.batch_mean"] = np.asarray(np.mean(losses))
 
-    # The sampler, sample by sample, each with its own fps and size (STDiT3's pos-emb scale comes from the
-    # batch's first sample upstream; one sample per call here, so the sizes must agree, as they do when the
-    # latents share a shape). Steps and guidance from the case's settings.
+    # The sampler on the whole batch in one call, each sample with its own fps and caption; the samples share
+    # the geometry (upstream takes STDiT3's position scale from the batch's first sample). Steps and guidance
+    # from the case's settings.
     settings = meta.get("settings", {}).get("rflow", {})
     steps, cfg_scale = int(settings.get("num_sampling_steps", 30)), float(settings.get("cfg_scale", 7.0))
-    per_sample = [dataclasses.replace(config, fps=float(inp["fps"][i]), height=int(inp["height"][i]),
-                                      width=int(inp["width"][i])) for i in range(len(x0))]
-    assert all((c.height, c.width) == (h, w) for c in per_sample), "samples of one batch differ in size"
-    out["rflow.timesteps"] = np.stack([rflow.sampling_timesteps(steps, c.height, c.width, c.num_frames)
-                                       for c in per_sample], axis=1)
+    sizes = {(int(inp["height"][i]), int(inp["width"][i]), int(inp["num_frames"][i])) for i in range(len(x0))}
+    assert len(sizes) == 1, f"samples of one batch differ in size: {sizes}"
+    out["rflow.timesteps"] = np.stack([rflow.sampling_timesteps(steps, h, w, config.num_frames)] * len(x0), axis=1)
     out["rflow.mask"] = np.where(np.arange(x0.shape[1]) == 0, 0.0, 1.0)[None].repeat(len(x0), 0)
     out["rflow.null_y"] = np.asarray(params["stdit"]["y_embedder"]["y_embedding"])[None, None].repeat(len(x0), 0)
     out["rflow.z_init"] = back(np.asarray(jnp.asarray(eps).at[:, 0].set(np.asarray(z)[:, 0])))
+    backbone = OpenSoraBackbone(name=case.name, config=config, params=params)
     for key, stop in (("rflow.z_after_2_steps", 2), ("rflow.z_final", None)):
-        zs = [sample(OpenSoraBackbone(name=case.name, config=per_sample[i], params=params), params, jnp.asarray(z[i]),
-                     jnp.asarray(inp["y"][i, 0]), jnp.asarray(inp["mask"][i] > 0), jnp.asarray(eps[i]),
-                     num_steps=steps, guidance_scale=cfg_scale, stop_after=stop) for i in range(len(x0))]
-        out[key] = back(np.stack(zs))
+        out[key] = back(sample(backbone, params, jnp.asarray(z), jnp.asarray(inp["y"][:, 0]), jnp.asarray(inp["mask"] > 0),
+                               jnp.asarray(eps), num_steps=steps, guidance_scale=cfg_scale, stop_after=stop,
+                               fps=inp["fps"]))
     return out
 
 

@@ -196,13 +196,15 @@ class OpenSoraBackbone(AdapterDefaults):
         r = -s * (prediction.astype(jnp.float32) - noisy.target.astype(jnp.float32))
         return jnp.where(jnp.asarray(self.x_mask)[:, None, None, None], r, 0.0)
 
-    def stdit_apply(self, params, z, t, y, y_mask, x_mask, *, taps: Sequence[int] = ()):
-        """Batched STDiT3 call: velocity (B, T, h, w, 4) and {pair i: temporal block i output (B, N, C)}."""
+    def stdit_apply(self, params, z, t, y, y_mask, x_mask, *, taps: Sequence[int] = (), fps=None):
+        """Batched STDiT3 call: velocity (B, T, h, w, 4) and {pair i: temporal block i output (B, N, C)}; ``fps``
+        (B,) per sample, default the config's."""
         cfg = self.config
         b = z.shape[0]
+        fps = jnp.full((b,), cfg.fps) if fps is None else fps
         model = STDiT3(cfg.stdit, taps=tuple(f"temporal.{i}" for i in taps))
         out, state = model.apply(
-            {"params": self.cast(params["stdit"])}, self.cast(z), t, self.cast(y), y_mask, x_mask, jnp.full((b,), cfg.fps),
+            {"params": self.cast(params["stdit"])}, self.cast(z), t, self.cast(y), y_mask, x_mask, fps,
             np.full((b,), cfg.height, np.float32), np.full((b,), cfg.width, np.float32), mutable=["intermediates"],
         )
         inter = state.get("intermediates", {})
@@ -236,27 +238,37 @@ class OpenSoraBackbone(AdapterDefaults):
 
 
 def sample(backbone: OpenSoraBackbone, params, image_latent, y, y_mask, noise, *, num_steps: int,
-           guidance_scale: float, stop_after: int | None = None):
-    """``RFLOW.sample`` with the "0" mask strategy: Euler steps on z with CFG, frame 0 reset to the image."""
+           guidance_scale: float, stop_after: int | None = None, fps=None):
+    """``RFLOW.sample`` with the "0" mask strategy: Euler steps on z with CFG, frame 0 reset to the image.
+
+    One sample: ``image_latent`` (1, h, w, C), ``y`` (L, C), ``y_mask`` (L,), ``noise`` (F, h, w, C); or a batch,
+    each with a leading B, and ``fps`` (B,) per sample (default: the config's for every sample). As upstream,
+    the model runs on [cond_0 .. cond_B-1, null_0 .. null_B-1] and the samples share the geometry (the timestep
+    transform and STDiT3's position scale follow ``backbone.config``'s size and frame count)."""
+    batched = noise.ndim == 5
+    if not batched:
+        image_latent, y, y_mask, noise = image_latent[None], y[None], y_mask[None], noise[None]
     cfg = backbone.config
+    b, frames = noise.shape[:2]
     ts = rflow.sampling_timesteps(num_steps, cfg.height, cfg.width, cfg.num_frames)
-    mask = np.where(np.arange(noise.shape[0]) == 0, 0.0, 1.0).astype(np.float32)
-    null = params["stdit"]["y_embedder"]["y_embedding"]
+    mask = np.where(np.arange(frames) == 0, 0.0, 1.0).astype(np.float32)
+    null = jnp.broadcast_to(params["stdit"]["y_embedder"]["y_embedding"], y.shape)
+    fps = jnp.full((b,), cfg.fps, jnp.float32) if fps is None else jnp.asarray(fps, jnp.float32).reshape(b)
+    two = lambda a: jnp.concatenate([a, a])  # noqa: E731  (the CFG batch: conditional first, then null)
 
     @jax.jit
     def step(z, t, dt):
-        x_mask = jnp.asarray(mask * rflow.NUM_TIMESTEPS) >= t  # (F,)
-        zz = jnp.stack([z, z])
-        v, _ = backbone.stdit_apply(params, zz, jnp.full((2,), t), jnp.stack([y, null]), jnp.stack([y_mask, y_mask]),
-                                    jnp.stack([x_mask, x_mask]))
-        v = v[1] + guidance_scale * (v[0] - v[1])
-        return jnp.where(x_mask[:, None, None, None], z + v * dt, z)
+        x_mask = jnp.broadcast_to(jnp.asarray(mask * rflow.NUM_TIMESTEPS) >= t, (b, frames))
+        v, _ = backbone.stdit_apply(params, two(z), jnp.full((2 * b,), t), jnp.concatenate([y, null]), two(y_mask),
+                                    two(x_mask), fps=two(fps))
+        v = v[b:] + guidance_scale * (v[:b] - v[b:])
+        return jnp.where(x_mask[:, :, None, None, None], z + v * dt, z)
 
-    z = noise.at[0].set(image_latent[0])
+    z = noise.at[:, 0].set(image_latent[:, 0])
     for i in range(num_steps if stop_after is None else stop_after):
         dt = (ts[i] - ts[i + 1] if i < num_steps - 1 else ts[i]) / np.float32(rflow.NUM_TIMESTEPS)
         z = step(z, ts[i], np.float32(dt))
-    return z
+    return z if batched else z[0]
 
 
 def abstract_params(config: OpenSoraConfig) -> dict:
