@@ -6,8 +6,9 @@ kornia, omegaconf, pytorch_lightning), NOT the project venv:
 
     python tools/golden/dynamicrafter.py --upstream /path/to/DynamiCrafter --style 256 --case tiny-256-eps
     python tools/golden/dynamicrafter.py --upstream /path/to/DynamiCrafter --style 1024 --case tiny-1024
-    # another frame count on an existing case's weights (its checkpoint is referenced, not copied)
+    # another frame count or batch size on an existing case's weights (its checkpoint is referenced, not copied)
     python tools/golden/dynamicrafter.py --upstream /path/to/DynamiCrafter --weights-from tests/golden/dynamicrafter/tiny-1024 --frames 6 --case tiny-1024-frames6
+    python tools/golden/dynamicrafter.py --upstream /path/to/DynamiCrafter --weights-from tests/golden/dynamicrafter/tiny-1024 --batch 2 --case tiny-1024-batch2
     # recompute an existing case from its own files and compare with its outputs.safetensors
     python tools/golden/dynamicrafter.py --upstream /path/to/DynamiCrafter --check DIR
 
@@ -240,6 +241,24 @@ def make_inputs(seed: int, config: dict, image_hw, t: int, fs: int, aa_hw, frame
         "latent_for_decode": rng.standard_normal((1, 4, frames, lh, lw)).astype(np.float32),
         "clip_aa.image": aa,
     }
+
+
+BATCH_T, BATCH_FS, BATCH_TOKENS = 700, 13, 5  # samples 1.. of a batch case: another t, fs and prompt length
+
+
+def make_batch_inputs(seed: int, config: dict, spec: dict, frames: int, batch: int) -> dict[str, np.ndarray]:
+    """``batch`` samples: sample 0 exactly as ``make_inputs(seed, ...)``, sample b > 0 drawn from seed + 100 b
+    with timestep BATCH_T, fs BATCH_FS and a BATCH_TOKENS-token prompt, so that every per-sample input differs
+    (an image, a caption and its length, t (the other side of the dynamic-rescale knee at 400), fs, the noise).
+    The extra CLIP antialias image stays one sample."""
+    samples = [make_inputs(seed, config, spec["image_hw"], spec["t"], spec["fs"], spec["aa_hw"], frames=frames)]
+    for b in range(1, batch):
+        one = make_inputs(seed + 100 * b, config, spec["image_hw"], BATCH_T, BATCH_FS, spec["aa_hw"], frames=frames)
+        tokens = np.zeros_like(one["text_tokens"])
+        tokens[0, 0], tokens[0, 1:1 + BATCH_TOKENS], tokens[0, 1 + BATCH_TOKENS] = 998, one["text_tokens"][0, 1:1 + BATCH_TOKENS], 999
+        samples.append({**one, "text_tokens": tokens})
+    return {k: samples[0][k] if k == "clip_aa.image" else np.concatenate([s[k] for s in samples])
+            for k in samples[0]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -501,12 +520,12 @@ def inputs_doc(style, config, inp) -> dict:
     ah, aw = inp["clip_aa.image"].shape[2:]
     fs_kind = p.get("fps_condition_type", "fs")
     return {
-        "image": f"[1, 3, {H}, {W}] float32 in [-1,1]: the conditioning image, NCHW (three random low-frequency sine waves per channel + per-pixel uniform noise of +-0.1, clipped). The 'video' of the I2V pipeline is this image repeated T={T} times along a new frame axis (b c t h w).",
-        "text_tokens": f"[1, {TEXT_CTX}] int64 OpenCLIP token ids of the prompt, already tokenised (reduced vocab 1000: start token 998, 11 random ids in [1, 997], end token 999, padding 0, mirroring open_clip's 49406/49407/0 in its 49408 vocab). Fed to cond_stage_model.encode_with_transformer directly (the upstream forward() would call open_clip.tokenize on strings, whose ids do not fit the reduced vocab).",
-        "uncond_text_tokens": f"[1, {TEXT_CTX}] int64: the stand-in for open_clip.tokenize(\"\") = [start 998, end 999, 0, ...], used for the unconditional (empty-prompt, uncond_type empty_seq) branch of CFG.",
+        "image": f"[{B}, 3, {H}, {W}] float32 in [-1,1]: the conditioning image, NCHW (three random low-frequency sine waves per channel + per-pixel uniform noise of +-0.1, clipped). The 'video' of the I2V pipeline is this image repeated T={T} times along a new frame axis (b c t h w).",
+        "text_tokens": f"[{B}, {TEXT_CTX}] int64 OpenCLIP token ids of the prompt, already tokenised (reduced vocab 1000: start token 998, 11 random ids in [1, 997]" + (f" ({BATCH_TOKENS} in samples 1..)" if B > 1 else "") + f", end token 999, padding 0, mirroring open_clip's 49406/49407/0 in its 49408 vocab). Fed to cond_stage_model.encode_with_transformer directly (the upstream forward() would call open_clip.tokenize on strings, whose ids do not fit the reduced vocab).",
+        "uncond_text_tokens": f"[{B}, {TEXT_CTX}] int64: the stand-in for open_clip.tokenize(\"\") = [start 998, end 999, 0, ...], used for the unconditional (empty-prompt, uncond_type empty_seq) branch of CFG.",
         "noise": f"[{B}, {C}, {T}, {lh}, {lw}] float32 N(0,1), (B,4,T,h,w) latent layout: the diffusion noise for q_sample / the loss, and also x_T (the starting latent) of the DDIM runs.",
-        "t": f"[1] int64 = [{int(inp['t'][0])}]: diffusion timestep (0..999) for x_t, unet.out and loss.",
-        "fs": f"[1] int64 = [{int(inp['fs'][0])}]: the fs conditioning passed to the UNet (UNet default_fs is {up['default_fs']}, deliberately different). fps_condition_type '{fs_kind}' ({style} style{': frame stride' if fs_kind == 'fs' else ''}); the UNet treats it the same way either way (timestep_embedding -> fps_embedding).",
+        "t": f"[{B}] int64 = {[int(v) for v in inp['t']]}: diffusion timestep per sample (0..999) for x_t, unet.out and loss.",
+        "fs": f"[{B}] int64 = {[int(v) for v in inp['fs']]}: the fs conditioning per sample passed to the UNet (UNet default_fs is {up['default_fs']}, deliberately different). fps_condition_type '{fs_kind}' ({style} style{': frame stride' if fs_kind == 'fs' else ''}); the UNet treats it the same way either way (timestep_embedding -> fps_embedding).",
         "latent_for_decode": f"[{B}, {C}, {T}, {lh}, {lw}] float32 N(0,1): a fixed (scaled) latent video to decode with decode_first_stage.",
         "clip_aa.image": f"[1, 3, {ah}, {aw}] float32 in [-1,1]: an extra image, larger than 224 along H only, so that the kornia antialias Gaussian blur is active in the CLIP preprocess along that axis (W upscales: sigma 0.001 there, kernel 3). For the main 'image' both sides are < 224, so the blur is skipped: kornia only blurs when downscaling.",
     }
@@ -757,7 +776,7 @@ def _model_from(case: Path, config: dict):
 
 
 def derive(args) -> None:
-    """A case at another frame count (``--frames``) on an existing case's weights (``--weights-from``): its
+    """A case at another frame count (``--frames``) or batch size (``--batch``) on an existing case's weights (``--weights-from``): its
     config.yaml is copied, its checkpoint referenced (case.json ``weights_from``), one DDIM run kept."""
     import shutil
 
@@ -775,8 +794,11 @@ def derive(args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(base / "config.yaml", out_dir / "config.yaml")
     model = _model_from(base, config)
-    inp = make_inputs(args.seed, config, spec["image_hw"], spec["t"], spec["fs"], spec["aa_hw"], frames=args.frames)
+    frames = args.frames or base_meta["shapes"]["T"]
+    inp = make_batch_inputs(args.seed, config, spec, frames, args.batch)
     settings = {**base_meta["settings"], "seed": args.seed, "ddim_runs": spec["ddim_runs"][:1]}
+    if args.batch > 1:
+        settings.update(t=[int(v) for v in inp["t"]], fs=[int(v) for v in inp["fs"]])
     out, visited = compute(model, inp, settings)
     tol = {"atol": 1e-4, "rtol": 1e-4}
     noise = worst(out, compute_float64(model, inp, settings), tol)
@@ -786,27 +808,36 @@ def derive(args) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in inp.items()}, out_dir / "inputs.safetensors")
     save_file(out, out_dir / "outputs.safetensors")
     B, C, T, lh, lw = inp["noise"].shape
-    frames_note = (
+    notes = []
+    if B > 1:
+        notes.append(
+            f"Batch of {B}: every per-sample input differs (image, caption and its length, t {settings['t']}, fs "
+            f"{settings['fs']}, noise); upstream runs the batch in one call everywhere (the VAE frame by frame, "
+            f"p_losses with per-sample t, DDIM with per-sample fs and the empty prompt's context per sample).")
+    if T != video_length:
+        notes.append(
         f"T = {T} frames with the Resampler's video_length {video_length}: the image context has 16 x {video_length} "
         f"tokens, so its length 77 + {16 * video_length} is not 77 + 16*T and the UNet takes its other branch: the "
         f"whole context (text + every image token) is repeated for each of the T frames (every frame attends to all "
         f"{16 * video_length} image tokens). Descriptions below that speak of the per-frame split describe the base "
-        f"case; here that split is not taken. Weights, config and everything else as {base.name}.")
+        f"case; here that split is not taken.")
+    notes.append(f"Weights, config and everything else as {base.name}.")
     meta = {k: v for k, v in base_meta.items() if k not in ("sizes_bytes", "float32_noise", "generator")}
     meta.update({
         "weights_from": f"../{base.name}",
         "checkpoint": f"../{base.name}/" + ("model.ckpt" if (base / "model.ckpt").exists() else "model.safetensors"),
         "checkpoint_files": {"config.yaml": f"a copy of ../{base.name}/config.yaml",
                              "weights": f"not stored here: the checkpoint files of ../{base.name} (weights_from)"},
-        "coverage": [frames_note] + base_meta["coverage"],
+        "coverage": [" ".join(notes)] + base_meta["coverage"],
         "inputs": inputs_doc(style, config, inp),
         "outputs": describe(style, config, inp, out, settings, visited, model),
         "settings": settings,
         "ddim_timesteps": visited,
-        "shapes": {**base_meta["shapes"], "T": T, "context_length": 77 + 16 * video_length},
+        "shapes": {**base_meta["shapes"], "B": B, "T": T,
+                   "context_length": 77 + 16 * (video_length if T != video_length else T)},
         "float32_noise": {"method": base_meta["float32_noise"]["method"],
                           "worst_err_over_tolerance": top[0][1]["max_err_over_tol"], "worst_output": top[0][0]},
-        "generator": f"tools/golden/dynamicrafter.py --weights-from {base.name} --frames {T} --case {out_dir.name} "
+        "generator": f"tools/golden/dynamicrafter.py --weights-from {base.name} --frames {T} --batch {B} --case {out_dir.name} "
                      f"--seed {args.seed} (torch {torch.__version__})",
     })
     meta["outputs"] = {k: meta["outputs"][k] for k in out}
@@ -865,7 +896,8 @@ def main() -> None:
     ap.add_argument("--check", help="recompute this case folder and compare with its outputs.safetensors")
     ap.add_argument("--seed-check", action="store_true", help="with --check: also rebuild the weights from the seed")
     ap.add_argument("--weights-from", help="an existing case folder whose weights and config a new case reuses")
-    ap.add_argument("--frames", type=int, help="with --weights-from: the frame count of the new case")
+    ap.add_argument("--frames", type=int, help="with --weights-from: the frame count of the new case (default: the base's)")
+    ap.add_argument("--batch", type=int, default=1, help="with --weights-from: samples per batch (per-sample t, fs, prompt)")
     args = ap.parse_args()
     import torch
 
@@ -874,8 +906,8 @@ def main() -> None:
     if args.check:
         check(args)
     elif args.weights_from:
-        if not (args.frames and args.case):
-            ap.error("--weights-from needs --frames and --case")
+        if not ((args.frames or args.batch > 1) and args.case):
+            ap.error("--weights-from needs --case and --frames or --batch")
         derive(args)
     else:
         if not (args.style and args.case):

@@ -49,20 +49,27 @@ def schedule(cfg: DiffusionConfig) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in tables.items()}
 
 
+def _at(tables, name: str, t, x: jax.Array) -> jax.Array:
+    """``tables[name][t]`` shaped to broadcast against ``x``: one timestep (a scalar) for the whole array, or one
+    per sample (``t`` of shape (B,)) along ``x``'s leading batch axis, as upstream's ``extract_into_tensor``."""
+    v = jnp.asarray(tables[name])[t]
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
 def rescale_x0(tables, x0: jax.Array, t: jax.Array) -> jax.Array:
     """Dynamic rescale of the clean latents (identity when disabled)."""
-    return x0 * jnp.asarray(tables["scale_arr"])[t]
+    return x0 * _at(tables, "scale_arr", t, x0)
 
 
 def q_sample(tables, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-    return jnp.asarray(tables["sqrt_alphas_cumprod"])[t] * x0 + jnp.asarray(tables["sqrt_one_minus_alphas_cumprod"])[t] * noise
+    return _at(tables, "sqrt_alphas_cumprod", t, x0) * x0 + _at(tables, "sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
 
 def target(cfg: DiffusionConfig, tables, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
     """The training target: ``noise`` (eps) or ``v = sqrt(a) noise - sqrt(1 - a) x0``."""
     if cfg.parameterization == "eps":
         return noise
-    return jnp.asarray(tables["sqrt_alphas_cumprod"])[t] * noise - jnp.asarray(tables["sqrt_one_minus_alphas_cumprod"])[t] * x0
+    return _at(tables, "sqrt_alphas_cumprod", t, x0) * noise - _at(tables, "sqrt_one_minus_alphas_cumprod", t, x0) * x0
 
 
 def ddim_timesteps(cfg: DiffusionConfig, steps: int, spacing: str = "uniform_trailing") -> np.ndarray:
