@@ -1,9 +1,10 @@
-"""DynamiCrafter, so far: the .ckpt reader (and its refusal of code), and the first-stage KL autoencoder
-(LDM key names onto the shared Flax AutoencoderKL) against the golden case, from .ckpt and .safetensors."""
+"""DynamiCrafter against the golden upstream cases (every listed output, from .ckpt and .safetensors), the .ckpt
+reader (and its refusal of code), the converter's rules and the CLIP head."""
 
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import jax
@@ -13,6 +14,9 @@ import pytest
 from fixtures import assert_close, case_dirs, load_case, output_params
 
 from anti_i2v_jax.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "golden"))
+from seeded import materialise  # noqa: E402  (golden cases with seeded weights)
 
 pytestmark = pytest.mark.slow  # not in the quick tier; the full suite (CI) runs it
 
@@ -28,11 +32,14 @@ CASES = case_dirs("dynamicrafter")
 
 def weights(case: Path, file_name: str) -> Path:
     """The checkpoint file of ``case``: its own, or that of the case named by ``weights_from`` in its case.json (a
-    case at another frame count on the same tiny model)."""
+    case at another frame count on the same tiny model); for a case with seeded weights (``seeded_weights``), the
+    file ``tools/golden/seeded.py`` builds from its keys, seed and buffers."""
     import json
 
     base = json.loads((case / "case.json").read_text()).get("weights_from")
-    return (case / base / file_name).resolve() if base else case / file_name
+    root = (case / base).resolve() if base else case
+    seeded = materialise(root)
+    return seeded if seeded is not None and seeded.name == file_name else root / file_name
 needs_case = pytest.mark.skipif(not CASES, reason="no dynamicrafter cases: set ANTI_I2V_FIXTURES")
 
 
@@ -317,10 +324,10 @@ def ours(case, file_name, output) -> np.ndarray:
     raise AssertionError(f"{case.name}: no check computes the listed output {output!r}")
 
 
-def _batch(case) -> int:
+def _meta(case) -> dict:
     import json
 
-    return json.loads((case / "case.json").read_text()).get("shapes", {}).get("B", 1)
+    return json.loads((case / "case.json").read_text())
 
 
 def _case_file_params():
@@ -334,7 +341,7 @@ def _case_file_params():
             name = f.values[0] if hasattr(f, "values") else f
             if weights(case, name).exists():
                 marks = list(getattr(f, "marks", ()))
-                if weights(case, name) != case / name and _batch(case) == 1:
+                if _meta(case).get("weights_from") and _meta(case).get("shapes", {}).get("B", 1) == 1:
                     marks.append(pytest.mark.heavy)  # another frame count on another case's model: CI time
                 out.append(pytest.param(case, output, name, id=f"{param.id}:{name}", marks=marks))
     return out
@@ -457,6 +464,17 @@ def test_unet_remat_equals_plain():
     out2, grad2 = run(UNetModel(dataclasses.replace(cfg, remat=True)))
     np.testing.assert_allclose(out2, out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(grad2, grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key, value", [("use_linear", False), ("temporal_selfatt_only", False),
+                                        ("use_relative_position", True), ("use_causal_attention", True)])
+def test_unet_options_no_checkpoint_uses_are_refused(key, value):
+    """Options the yaml allows but no release sets (the port would otherwise compute something else) are errors."""
+    from anti_i2v_jax.backbones.dynamicrafter.unet import UNetConfig
+
+    assert UNetConfig.from_ldm({"transformer_depth": 2}).transformer_depth == 2
+    with pytest.raises(UserError, match=key):
+        UNetConfig.from_ldm({key: value})
 
 
 @pytest.mark.parametrize("content, message", [

@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "upstream"))
 from hooks import recorded, version  # noqa: E402  (shared by the generators)
 
+sys.path.insert(0, str(REPO / "tools" / "golden"))
+from seeded import materialise, seeded_weights  # noqa: E402
+
 UPSTREAM_COMMIT = "c453369"
 T_FRAMES = 4
 TEXT_CTX = 77
@@ -521,7 +524,7 @@ def inputs_doc(style, config, inp) -> dict:
     fs_kind = p.get("fps_condition_type", "fs")
     return {
         "image": f"[{B}, 3, {H}, {W}] float32 in [-1,1]: the conditioning image, NCHW (three random low-frequency sine waves per channel + per-pixel uniform noise of +-0.1, clipped). The 'video' of the I2V pipeline is this image repeated T={T} times along a new frame axis (b c t h w).",
-        "text_tokens": f"[{B}, {TEXT_CTX}] int64 OpenCLIP token ids of the prompt, already tokenised (reduced vocab 1000: start token 998, 11 random ids in [1, 997]" + (f" ({BATCH_TOKENS} in samples 1..)" if B > 1 else "") + f", end token 999, padding 0, mirroring open_clip's 49406/49407/0 in its 49408 vocab). Fed to cond_stage_model.encode_with_transformer directly (the upstream forward() would call open_clip.tokenize on strings, whose ids do not fit the reduced vocab).",
+        "text_tokens": f"[{B}, {TEXT_CTX}] int64 OpenCLIP token ids of the prompt, already tokenised (reduced vocab 1000: start token 998, 11 random ids in [1, 997]" + (f" ({BATCH_TOKENS} in samples 1..)" if B > 1 else "") + ", end token 999, padding 0, mirroring open_clip's 49406/49407/0 in its 49408 vocab). Fed to cond_stage_model.encode_with_transformer directly (the upstream forward() would call open_clip.tokenize on strings, whose ids do not fit the reduced vocab).",
         "uncond_text_tokens": f"[{B}, {TEXT_CTX}] int64: the stand-in for open_clip.tokenize(\"\") = [start 998, end 999, 0, ...], used for the unconditional (empty-prompt, uncond_type empty_seq) branch of CFG.",
         "noise": f"[{B}, {C}, {T}, {lh}, {lw}] float32 N(0,1), (B,4,T,h,w) latent layout: the diffusion noise for q_sample / the loss, and also x_T (the starting latent) of the DDIM runs.",
         "t": f"[{B}] int64 = {[int(v) for v in inp['t']]}: diffusion timestep per sample (0..999) for x_t, unet.out and loss.",
@@ -538,7 +541,7 @@ STYLES = {
     "256": dict(image_hw=(48, 48), t=611, fs=5, aa_hw=(500, 96),
                 ddim_runs=[dict(name="ddim", steps=2, eta=0.0, cfg_scale=7.5, guidance_rescale=0.0, timestep_spacing="uniform"),
                            dict(name="ddim.steps5", steps=5, eta=0.0, cfg_scale=7.5, guidance_rescale=0.0, timestep_spacing="uniform")]),
-    "512": dict(image_hw=(40, 64), t=337, fs=10, aa_hw=(32, 800),
+    "512": dict(image_hw=(80, 128), t=337, fs=10, aa_hw=(32, 800),
                 ddim_runs=[dict(name="ddim", steps=2, eta=0.0, cfg_scale=7.5, guidance_rescale=0.7, timestep_spacing="uniform_trailing"),
                            dict(name="ddim.steps3", steps=3, eta=0.0, cfg_scale=7.5, guidance_rescale=0.7, timestep_spacing="uniform_trailing")]),
     "1024": dict(image_hw=(64, 128), t=173, fs=6, aa_hw=(460, 64),
@@ -568,14 +571,29 @@ def generate(args) -> None:
     out_dir = Path(args.out) if args.out else REPO / "tests" / "golden" / "dynamicrafter" / args.case
     out_dir.mkdir(parents=True, exist_ok=True)
     config = make_config(style)
+    unet_params = config["model"]["params"]["unet_config"]["params"]
+    for item in args.unet or ():  # variants the yaml allows beyond the releases' values (transformer_depth, ...)
+        key, _, value = item.partition("=")
+        if key not in unet_params:
+            raise SystemExit(f"--unet {item}: {key} is not a unet_config param")
+        unet_params[key] = json.loads(value)
     write_config(config, out_dir / "config.yaml", style)
     torch.manual_seed(args.seed)
     model = build_model(config)
-    perturbed = perturb_constants(model)
-    alphas = set_alphas(model, args.seed) if style == "256" else {}
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if style == "256":  # the released 256 checkpoint names the fs embedding framestride_embed
-        state = {k.replace(".fps_embedding.", ".framestride_embed."): v for k, v in state.items()}
+    seeded_keys = None
+    if args.seeded:  # every parameter from tools/golden/seeded.py; the buffers (schedule, scale_arr) stay real
+        perturbed, alphas = [], {}
+        names = {n for n, _ in model.named_parameters()}
+        seeded_keys = {k: list(v.shape) for k, v in model.state_dict().items() if k in names}
+        values = seeded_weights(seeded_keys, args.seed)
+        state = {k: torch.from_numpy(values[k]) if k in names else v.detach().clone().contiguous()
+                 for k, v in model.state_dict().items()}
+    else:
+        perturbed = perturb_constants(model)
+        alphas = set_alphas(model, args.seed) if style == "256" else {}
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    rename = (lambda k: k.replace(".fps_embedding.", ".framestride_embed.")) if style == "256" else (lambda k: k)
+    state = {rename(k): v for k, v in state.items()}  # the released 256 checkpoint names the fs embedding framestride_embed
     torch.save({"state_dict": state}, out_dir / "model.ckpt")
     save_torch(state, out_dir / "model.safetensors")
     # rebuild from the files on disk, exactly as a user of the case would
@@ -587,7 +605,7 @@ def generate(args) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in inp.items()}, out_dir / "inputs.safetensors")
     save_file(out, out_dir / "outputs.safetensors")
 
-    tol = {"atol": 1e-4, "rtol": 1e-4}
+    tol = {"atol": args.tol, "rtol": args.tol}  # at least 4x the float32 noise measured below
     noise = worst(out, compute_float64(model, inp, settings), tol)
     rerun, _ = compute(load_checkpoint(build_model(config), out_dir / "model.ckpt").eval(), inp, settings)
     bitwise = all(np.array_equal(rerun[k], out[k]) for k in out)
@@ -620,10 +638,11 @@ def generate(args) -> None:
          else "With parameterization eps the buffers are the plain linear-in-sqrt schedule (alphas_cumprod[999] > 0); sqrt_recip_alphas_cumprod / sqrt_recipm1_alphas_cumprod are filled."),
         "open_clip arch: config.yaml has, under model.params.cond_stage_config.params.arch and img_cond_stage_config.params.arch, the open_clip model_cfg dict (same schema as open_clip/model_configs/ViT-H-14.json: embed_dim, vision_cfg{image_size, layers, width, head_width, patch_size}, text_cfg{context_length, vocab_size, width, heads, layers}) instead of the registry name 'ViT-H-14'. Heads: vision width/head_width, text `heads`; mlp_ratio 4; nn.GELU (erf); LayerNorm eps 1e-5. To rebuild upstream: register the dict in open_clip.factory._MODEL_CONFIGS under any name, pass that name as arch, version None (pretrained=None).",
         "Text vocab reduced to 1000 (token ids < 1000); context_length stays 77 (the UNet splits the context at 77).",
+        (f"Weights: every parameter (state_dict keys that are model parameters, in state_dict order) from tools/golden/seeded.py seeded_weights(keys, seed={args.seed}): matrices and kernels N(0,1)/sqrt(fan-in), 1-D weights 1 + 0.1 N, biases and other 1-D tensors 0.1 N, scalars N(0,1); the buffers (diffusion schedule" + (", scale_arr" if p.get("use_dynamic_rescale") else "") + ") are the upstream model's own, stored in buffers.safetensors." if args.seeded else
         f"Weights: torch.manual_seed({args.seed}) before instantiate_from_config, then every parameter whose elements are all equal ({len(perturbed)} tensors: zero-initialised output layers such as out.2, proj_out, out_layers.3, temopral_conv.conv4.3, fps_embedding.2, zero biases, unit norm weights, logit_scale"
         + (", the attn2.alpha scalars" if alphas else "") + ") gets N(0, 0.02) added (torch global RNG, named_parameters order)."
         + (f" Then the learnable image cross-attention scales attn2.alpha (zero at init) are set from U(-1.5, 1.5) (torch.Generator seeded {args.seed + 7}) so that the factor tanh(alpha)+1 is far from 1: "
-           + ", ".join(f"{k.replace('model.diffusion_model.', '')}={val:.4f}" for k, val in alphas.items()) + "." if alphas else ""),
+           + ", ".join(f"{k.replace('model.diffusion_model.', '')}={val:.4f}" for k, val in alphas.items()) + "." if alphas else "")),
     ]
     config_notes = [
         "use_checkpoint false and dropout 0.0 (the real configs have use_checkpoint True, which scripts/evaluation/inference.py overrides to False, and dropout 0.1); TemporalConvBlock's hard-coded Dropout(0.1) is inactive because the model is in eval mode. Numerically none of this matters.",
@@ -649,6 +668,10 @@ def generate(args) -> None:
                           + "; ".join(ratios) + "." if ratios else f" {run['name']}: every rescale ratio is 1 (all t >= 400).")
         runs_note += f" x_start uses scale_arr[{spec['t']}] = {sa[spec['t']]:.7g} (t < 400, linear part)."
     coverage = [f"{style} style: {style_words}. {runs_note}"]
+    if up["transformer_depth"] != 1:
+        coverage.append(f"transformer_depth {up['transformer_depth']} (every released config has 1): each SpatialTransformer, "
+                        f"TemporalTransformer and init_attn stacks {up['transformer_depth']} BasicTransformerBlocks "
+                        f"(transformer_blocks.0..{up['transformer_depth'] - 1}) between its proj_in and proj_out.")
     # ablations measured on the upstream model: how far each feature moves unet.out
     coverage.append(ablation_note(model, inp, style))
     coverage.append("Not exercised: the real widths, fp16 autocast, xformers, use_checkpoint True, relative-position or causal temporal attention (off in every released config), interpolation/loop modes, eta > 0 (needs torch RNG), posterior.sample(), multiple_cond_cfg.")
@@ -687,13 +710,41 @@ def generate(args) -> None:
             "run_to_run": ("a rerun from the files on disk reproduces every output bit for bit (CPU)" if bitwise
                            else "a rerun from the files on disk does NOT reproduce every output bit for bit"),
         },
-        "generator": f"tools/golden/dynamicrafter.py --style {style} --case {out_dir.name} --seed {args.seed}",
+        "generator": f"tools/golden/dynamicrafter.py --style {style} --case {out_dir.name} --seed {args.seed}"
+                     + "".join(f" --unet '{item}'" for item in args.unet or ())
+                     + (" --safetensors-only" if args.safetensors_only else "") + (" --seeded" if args.seeded else "")
+                     + (f" --tol {args.tol:g}" if args.tol != 1e-4 else ""),
     }
     assert set(meta["outputs"]) == set(out), set(meta["outputs"]) ^ set(out)
     meta["outputs"] = {k: meta["outputs"][k] for k in out}  # same order as the file
     for name in ("config.yaml", "model.ckpt", "model.safetensors", "inputs.safetensors", "outputs.safetensors"):
         sizes[name] = (out_dir / name).stat().st_size
     meta["sizes_bytes"] = sizes
+    if seeded_keys is not None:  # no weights stored: the keys, the seed and the real buffers
+        keys = {rename(k): v for k, v in seeded_keys.items()}
+        file = "model.safetensors" if args.safetensors_only else "model.ckpt"
+        save_file({k: np.ascontiguousarray(v.numpy()) for k, v in state.items() if k not in keys},
+                  out_dir / "buffers.safetensors")
+        for name in ("model.ckpt", "model.safetensors"):
+            (out_dir / name).unlink()
+            meta["sizes_bytes"].pop(name)
+        meta["sizes_bytes"]["buffers.safetensors"] = (out_dir / "buffers.safetensors").stat().st_size
+        meta["checkpoint"] = file
+        meta["checkpoint_files"] = {
+            file: ("not stored: tools/golden/seeded.py materialise(case) writes it from seeded_weights: every "
+                   "parameter seeded_weights(keys, seed), the buffers from buffers.safetensors; keys as the "
+                   "upstream model's state_dict" + (" (fps_embedding renamed framestride_embed)" if style == "256" else "")),
+            "buffers.safetensors": "the checkpoint's non-parameter tensors (the schedule buffers"
+                                   + (", scale_arr" if "scale_arr" in state else "") + "), as the upstream model computed them",
+            "config.yaml": meta["checkpoint_files"]["config.yaml"],
+        }
+        meta["seeded_weights"] = {"file": file, "seed": args.seed, "buffers": "buffers.safetensors", "keys": keys}
+    elif args.safetensors_only:  # one copy of the weights (another case holds a Lightning .ckpt)
+        (out_dir / "model.ckpt").unlink()
+        meta["checkpoint"] = "model.safetensors"
+        meta["checkpoint_files"] = {k: v.replace("as model.ckpt's state_dict", "as the upstream model's state_dict")
+                                    for k, v in meta["checkpoint_files"].items() if k != "model.ckpt"}
+        meta["sizes_bytes"].pop("model.ckpt")
     (out_dir / "case.json").write_text(json.dumps(meta, indent=1) + "\n")
     for f in out_dir.iterdir():  # safetensors writes 0600 files
         f.chmod(0o644)
@@ -766,12 +817,15 @@ def _model_from(case: Path, config: dict):
 
     import torch
 
+    seeded = materialise(case)
+    if seeded is not None and seeded.suffix == ".ckpt":
+        return load_checkpoint(build_model(config), seeded).eval()
     if (case / "model.ckpt").exists():
         return load_checkpoint(build_model(config), case / "model.ckpt").eval()
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({"state_dict": load_file(case / "model.safetensors")}, Path(tmp) / "model.ckpt")
+        torch.save({"state_dict": load_file(seeded or case / "model.safetensors")}, Path(tmp) / "model.ckpt")
         return load_checkpoint(build_model(config), Path(tmp) / "model.ckpt").eval()
 
 
@@ -893,6 +947,13 @@ def main() -> None:
     ap.add_argument("--case", help="case name: writes tests/golden/dynamicrafter/<case>/ (or --out)")
     ap.add_argument("--out", help="output folder (default tests/golden/dynamicrafter/<case>)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--unet", action="append", metavar="KEY=JSON",
+                    help="with --style: override a unet_config param, e.g. transformer_depth=2 channel_mult=[1,2]")
+    ap.add_argument("--safetensors-only", action="store_true", help="with --style: keep model.safetensors, not model.ckpt")
+    ap.add_argument("--tol", type=float, default=1e-4,
+                    help="with --style: atol = rtol of the case (at least 4x the float32 noise, which the generator checks)")
+    ap.add_argument("--seeded", action="store_true",
+                    help="with --style: seeded parameters (tools/golden/seeded.py), not stored; only the buffers are")
     ap.add_argument("--check", help="recompute this case folder and compare with its outputs.safetensors")
     ap.add_argument("--seed-check", action="store_true", help="with --check: also rebuild the weights from the seed")
     ap.add_argument("--weights-from", help="an existing case folder whose weights and config a new case reuses")

@@ -59,6 +59,9 @@ class UNetConfig:
         for key in ("use_relative_position", "use_causal_attention"):
             if raw.get(key):
                 raise UserError(f"{where}: {key} is not supported (no DynamiCrafter checkpoint uses it)")
+        for key in ("use_linear", "temporal_selfatt_only"):
+            if raw.get(key, True) is False:
+                raise UserError(f"{where}: {key}: false is not supported (every DynamiCrafter checkpoint has true)")
         return parse_config(cls, raw, cls.IGNORED, where)
 
 
@@ -180,30 +183,35 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Per frame: GroupNorm(eps 1e-6) -> proj_in -> block (self, then text + image cross-attention) -> proj_out."""
+    """Per frame: GroupNorm(eps 1e-6) -> proj_in -> ``depth`` blocks (self, then text + image cross-attention) ->
+    proj_out."""
 
     channels: int
     heads: int
     dim_head: int
     image_cross_attention: bool
     learnable_scale: bool
+    depth: int = 1  # transformer_depth
 
     @nn.compact
     def __call__(self, x, context):  # (N, H, W, C), (N, L, ctx)
         n, h, w, c = x.shape
         inner = self.heads * self.dim_head
         t = nn.Dense(inner, name="proj_in")(_gn("norm", 1e-6)(x).reshape(n, h * w, c))
-        t = BasicTransformerBlock(self.heads, self.dim_head, True, self.image_cross_attention, self.learnable_scale,
-                                  name="transformer_blocks_0")(t, context)
+        for d in range(self.depth):
+            t = BasicTransformerBlock(self.heads, self.dim_head, True, self.image_cross_attention, self.learnable_scale,
+                                      name=f"transformer_blocks_{d}")(t, context)
         return x + nn.Dense(c, name="proj_out")(t).reshape(n, h, w, c)
 
 
 class TemporalTransformer(nn.Module):
-    """GroupNorm(eps 1e-6) over (T, H, W) of each sample -> self-attention over the frames at each position."""
+    """GroupNorm(eps 1e-6) over (T, H, W) of each sample -> ``depth`` blocks of self-attention over the frames at
+    each position."""
 
     channels: int
     heads: int
     dim_head: int
+    depth: int = 1  # transformer_depth
 
     @nn.compact
     def __call__(self, x, b):  # (B*T, H, W, C)
@@ -214,7 +222,8 @@ class TemporalTransformer(nn.Module):
         # (B, T, H, W, C) -> (B*H*W, T, C)
         y = y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, t, c)
         y = nn.Dense(inner, name="proj_in")(y)
-        y = BasicTransformerBlock(self.heads, self.dim_head, False, name="transformer_blocks_0")(y)
+        for d in range(self.depth):
+            y = BasicTransformerBlock(self.heads, self.dim_head, False, name=f"transformer_blocks_{d}")(y)
         y = nn.Dense(c, name="proj_out")(y)
         y = y.reshape(b, h, w, t, c).transpose(0, 3, 1, 2, 4)
         return x + y.reshape(x.shape)
@@ -326,7 +335,7 @@ class UNetModel(nn.Module):
         n_heads, dim_head = heads
         spatial = maybe_remat(SpatialTransformer, cfg.remat, cfg.remat_policy)
         h = spatial(ch, n_heads, dim_head, cfg.image_cross_attention,
-                    cfg.image_cross_attention_scale_learnable, name=f"{prefix}_{first}")(h, context)
+                    cfg.image_cross_attention_scale_learnable, cfg.transformer_depth, name=f"{prefix}_{first}")(h, context)
         if cfg.temporal_attention:
             h = self._temporal(ch, n_heads, dim_head, name=f"{prefix}_{first + 1}")(h, b)
         return h
@@ -334,4 +343,4 @@ class UNetModel(nn.Module):
     def _temporal(self, *args, **kwargs):
         # the batch size ``b`` (argument 2, after self and x) shapes reshapes: static under remat
         cls = maybe_remat(TemporalTransformer, self.config.remat, self.config.remat_policy, static_argnums=(2,))
-        return cls(*args, **kwargs)
+        return cls(*args, depth=self.config.transformer_depth, **kwargs)
