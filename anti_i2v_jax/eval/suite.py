@@ -30,7 +30,8 @@ from anti_i2v_jax.eval.identity import (
 # name -> (table heading, one-line definition)
 PAPER_METRICS: dict[str, tuple[str, str]] = {
     "ism": ("ISM", "ArcFace cosine of each frame's face to the clean photo's, mean over frames with a face "
-            "(insightface iResNet given with --arcface; faces found and aligned by dlib)"),
+            "(--arcface: an insightface ONNX model pack, SCRFD faces and ArcFace, or an arcface_torch iResNet "
+            "on faces found and aligned by dlib)"),
     "cfiqa": ("C-FIQA", "CR-FIQA quality score of the frames' aligned faces, mean over frames with a face"),
     "qalign_frame": ("Q-A(F)", "Q-Align image quality, mean over frames, in [0, 1]"),
     "qalign_video": ("Q-A(V)", "Q-Align video quality at 1 fps, in [0, 1]"),
@@ -61,7 +62,7 @@ class EvalSettings:
     # "clean-photo": every frame against the clean photo.
     dino_reference: Literal["clean-video", "clean-photo"] = "clean-video"
     dlib: DlibSettings = DlibSettings()
-    arcface: str | Path | None = None  # an insightface arcface_torch backbone.pth
+    arcface: str | Path | None = None  # an insightface arcface_torch backbone.pth, or an ONNX pack folder (buffalo_l)
     arcface_arch: str = "iresnet100"
     cfiqa: str | Path | None = None  # a CR-FIQA backbone.pth
     cfiqa_arch: str = "iresnet50"  # iresnet50: CR-FIQA (S); iresnet100: CR-FIQA (L)
@@ -112,6 +113,11 @@ class Evaluator:
     def arcface(self):
         if self._arcface is None:
             s = self.settings
+            if s.arcface is not None and Path(s.arcface).is_dir():  # an insightface ONNX pack: its own detector
+                from anti_i2v_jax.eval.insightface import InsightFace
+
+                self._arcface = InsightFace(s.arcface)
+                return self._arcface
 
             def build(faces):
                 from anti_i2v_jax.eval.arcface import ArcFace
