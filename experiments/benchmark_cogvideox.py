@@ -130,6 +130,65 @@ def print_comparison(title: str, upstream: str, pt: dict, jx: dict, grad_pt: np.
           f"rel. diff {rel:.1e}, signs agree {100 * sign:.2f}% |")
 
 
+def measure_eager(step, image, repeats: int) -> dict:
+    """An eager PyTorch step ``step(image) -> (loss, grad)``: the first call, then ``repeats`` timed calls."""
+    t0 = time.perf_counter()
+    loss, grad = step(image)
+    first = time.perf_counter() - t0
+    median_s, peak = time_repeats(lambda: step(image), repeats)
+    return dict(median_s=median_s, first_s=first, loss=loss, grad=grad, peak_rss_mb=peak)
+
+
+def upstream_benchmark_main(script: str, what: str, upstream_label: str, build, worker_torch, worker_jax) -> None:
+    """The command line of a side-by-side benchmark (Open-Sora, DynamiCrafter): ``--upstream DIR
+    --upstream-python PY`` builds the weights with the upstream code (``build(folder, upstream)``, once per
+    ``--keep`` folder), runs ``worker_torch(folder, repeats, upstream)`` under that Python and
+    ``worker_jax(folder, repeats)`` here, each in its own subprocess, and prints the comparison; without
+    ``--upstream``, ``worker_jax(None, repeats)`` alone. Each worker returns a JSON-able dict and saves its
+    gradient to ``grad_torch.npy`` / ``grad_jax.npy`` in the folder."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--upstream", type=Path, help="a checkout of the upstream repository")
+    parser.add_argument("--upstream-python", default=sys.executable, help="a Python with the upstream's dependencies")
+    parser.add_argument("--keep", type=Path, help="reuse / keep the checkpoint folder here")
+    parser.add_argument("--worker", choices=["build", "torch", "jax"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "build":
+        build(args.folder, args.upstream)
+        return
+    if args.worker:
+        result = worker_torch(args.folder, args.repeats, args.upstream) if args.worker == "torch" \
+            else worker_jax(args.folder, args.repeats)
+        print(json.dumps(result))
+        return
+    if args.upstream is None:
+        result = worker_jax(None, args.repeats)
+        result["first"] = (result["loss"],)
+        print_jax_only_table(f"{what}, {result['params'] / 1e6:.0f}M params, device {result['device']}", result)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp) / "ckpt"
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def run(which: str, python: str) -> dict:
+            cmd = [python, script, "--worker", which, "--folder", str(folder), "--repeats", str(args.repeats),
+                   "--upstream", str(args.upstream)]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(script).resolve().parents[1])
+            if out.returncode:
+                raise SystemExit(f"{which} worker failed:\n{out.stderr[-3000:]}")
+            return json.loads(out.stdout.strip().splitlines()[-1]) if which != "build" else {}
+
+        if not (folder / "inputs.npz").exists():
+            run("build", args.upstream_python)
+        pt, jx = run("torch", args.upstream_python), run("jax", sys.executable)
+        grads = np.load(folder / "grad_torch.npy"), np.load(folder / "grad_jax.npy")
+    print_comparison(f"{what}, {jx['params'] / 1e6:.0f}M params, {args.repeats} repeats, device {jx['device']}",
+                     upstream_label, pt, jx, *grads)
+
+
 class PeakRSS:
     """Peak RSS while the block runs, sampled every millisecond in a thread (weights + activations + runtime)."""
 
@@ -187,11 +246,8 @@ def worker_torch(folder: Path, repeats: int) -> dict:
         loss.backward()
         return loss.item(), x.grad
 
-    t0 = time.perf_counter()
-    loss, grad = step(image)
-    first = time.perf_counter() - t0
-    median_s, peak = time_repeats(lambda: step(image), repeats)
-    return dict(median_s=median_s, first_s=first, loss=loss, grad_norm=float(grad.norm()), peak_rss_mb=peak)
+    result = measure_eager(step, image, repeats)
+    return dict(result, grad_norm=float(result.pop("grad").norm()))
 
 
 def worker_jax(folder: Path, repeats: int) -> dict:

@@ -26,15 +26,10 @@ T identical frames). Without ``--upstream`` the JAX side runs alone on seeded we
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
-import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from benchmark_cogvideox import (  # noqa: E402
-    measure_jitted,
-    print_comparison,
-    print_jax_only_table,
-    time_repeats,
-)
+from benchmark_cogvideox import measure_eager, measure_jitted, upstream_benchmark_main  # noqa: E402
 
 SIZE, FRAMES, TEXT_LEN = 128, 8, 77
 LATENT = SIZE // 8
@@ -145,14 +135,10 @@ def worker_torch(folder: Path, repeats: int, upstream: Path) -> dict:
         loss.backward()
         return loss.item(), x.grad
 
-    t0 = time.perf_counter()
-    loss, grad = step(image)
-    first = time.perf_counter() - t0
-    median_s, peak = time_repeats(lambda: step(image), repeats)
-    grad01 = (2 * grad[0]).permute(1, 2, 0).numpy()  # d/d(image in [0, 1]), (H, W, 3)
+    result = measure_eager(step, image, repeats)
+    grad01 = (2 * result.pop("grad")[0]).permute(1, 2, 0).numpy()  # d/d(image in [0, 1]), (H, W, 3)
     np.save(folder / "grad_torch.npy", grad01)
-    return dict(median_s=median_s, first_s=first, loss=loss, grad_norm=float(np.linalg.norm(grad01)),
-                peak_rss_mb=peak)
+    return dict(result, grad_norm=float(np.linalg.norm(grad01)))
 
 
 # ------------------------------------------------------------------------------------------ JAX side
@@ -235,49 +221,10 @@ def worker_jax(folder: Path | None, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--upstream", type=Path, help="Doubiiu/DynamiCrafter checkout")
-    parser.add_argument("--upstream-python", default=sys.executable, help="a Python with the upstream's dependencies")
-    parser.add_argument("--keep", type=Path, help="reuse / keep the checkpoint folder here")
-    parser.add_argument("--worker", choices=["build", "torch", "jax"], help=argparse.SUPPRESS)
-    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker == "build":
-        build_checkpoint(args.folder, args.upstream)
-        return
-    if args.worker:
-        result = worker_torch(args.folder, args.repeats, args.upstream) if args.worker == "torch" \
-            else worker_jax(args.folder, args.repeats)
-        print(json.dumps(result))
-        return
-    what = (f"DynamiCrafter attack step (SD-width VAE encode + 4-layer CLIP ViT + Resampler + 3-D U-Net, grad to a "
-            f"{SIZE}x{SIZE} image, {FRAMES} frames)")
-    if args.upstream is None:
-        result = worker_jax(None, args.repeats)
-        result["first"] = (result["loss"],)
-        print_jax_only_table(f"{what}, {result['params'] / 1e6:.0f}M params, device {result['device']}", result)
-        return
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.keep or Path(tmp) / "ckpt"
-        folder.mkdir(parents=True, exist_ok=True)
-
-        def run(which: str, python: str) -> dict:
-            cmd = [python, __file__, "--worker", which, "--folder", str(folder), "--repeats", str(args.repeats),
-                   "--upstream", str(args.upstream)]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            if out.returncode:
-                raise SystemExit(f"{which} worker failed:\n{out.stderr[-3000:]}")
-            return json.loads(out.stdout.strip().splitlines()[-1]) if which != "build" else {}
-
-        if not (folder / "inputs.npz").exists():
-            run("build", args.upstream_python)
-        pt, jx = run("torch", args.upstream_python), run("jax", sys.executable)
-        grads = np.load(folder / "grad_torch.npy"), np.load(folder / "grad_jax.npy")
-    print_comparison(f"{what}, {jx['params'] / 1e6:.0f}M params, {args.repeats} repeats, device {jx['device']}",
-                     "DynamiCrafter (eager)", pt, jx, *grads)
-
+    upstream_benchmark_main(
+        __file__, f"DynamiCrafter attack step (SD-width VAE encode + 4-layer CLIP ViT + Resampler + 3-D U-Net, grad "
+        f"to a {SIZE}x{SIZE} image, {FRAMES} frames)", "DynamiCrafter (eager)", build_checkpoint, worker_torch,
+        worker_jax)
 
 if __name__ == "__main__":
     main()

@@ -18,25 +18,16 @@ time, memory, loss and gradient. The import-only stand-ins for GPU-only packages
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchmark_cogvideox import (  # noqa: E402
-    measure_jitted,
-    print_comparison,
-    print_jax_only_table,
-    time_repeats,
-)
+from benchmark_cogvideox import measure_eager, measure_jitted, upstream_benchmark_main  # noqa: E402
 
 SIZE, FRAMES, LATENT_FRAMES, TEXT_LEN, VALID = 64, 17, 5, 300, 20
 T = 700.0  # the fixed timestep (upstream units, 0..1000)
@@ -134,15 +125,11 @@ def worker_torch(folder: Path, repeats: int, upstream: Path) -> dict:
         loss.backward()
         return loss.item(), x.grad
 
-    t0 = time.perf_counter()
-    loss, grad = step(image)
-    first = time.perf_counter() - t0
-    median_s, peak = time_repeats(lambda: step(image), repeats)
+    result = measure_eager(step, image, repeats)
     # d/d(image in [0, 1]) = 2 d/d(x in [-1, 1]); (1, 3, 1, H, W) -> (H, W, 3)
-    grad01 = (2 * grad[0, :, 0]).permute(1, 2, 0).numpy()
+    grad01 = (2 * result.pop("grad")[0, :, 0]).permute(1, 2, 0).numpy()
     np.save(folder / "grad_torch.npy", grad01)
-    return dict(median_s=median_s, first_s=first, loss=loss, grad_norm=float(np.linalg.norm(grad01)),
-                peak_rss_mb=peak)
+    return dict(result, grad_norm=float(np.linalg.norm(grad01)))
 
 
 # ------------------------------------------------------------------------------------------ JAX side
@@ -214,49 +201,9 @@ def worker_jax(folder: Path | None, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--upstream", type=Path, help="hpcaitech/Open-Sora v1.2.0 checkout")
-    parser.add_argument("--upstream-python", default=sys.executable, help="a Python with the upstream's dependencies")
-    parser.add_argument("--keep", type=Path, help="reuse / keep the checkpoint folder here")
-    parser.add_argument("--worker", choices=["build", "torch", "jax"], help=argparse.SUPPRESS)
-    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker == "build":
-        build_checkpoint(args.folder, args.upstream)
-        return
-    if args.worker:
-        result = worker_torch(args.folder, args.repeats, args.upstream) if args.worker == "torch" \
-            else worker_jax(args.folder, args.repeats)
-        print(json.dumps(result))
-        return
-    if args.upstream is None:
-        result = worker_jax(None, args.repeats)
-        result["first"] = (result["loss"],)
-        print_jax_only_table(
-            f"Open-Sora attack step (VAE encode + 4-pair STDiT3 + grad to a 64x64 image, {FRAMES} frames -> "
-            f"{LATENT_FRAMES} latent frames), {result['params'] / 1e6:.0f}M params, device {result['device']}", result)
-        return
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.keep or Path(tmp) / "ckpt"
-        folder.mkdir(parents=True, exist_ok=True)
-
-        def run(which: str, python: str) -> dict:
-            cmd = [python, __file__, "--worker", which, "--folder", str(folder), "--repeats", str(args.repeats),
-                   "--upstream", str(args.upstream)]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
-            if out.returncode:
-                raise SystemExit(f"{which} worker failed:\n{out.stderr[-3000:]}")
-            return json.loads(out.stdout.strip().splitlines()[-1]) if which != "build" else {}
-
-        if not (folder / "inputs.npz").exists():
-            run("build", args.upstream_python)
-        pt, jx = run("torch", args.upstream_python), run("jax", sys.executable)
-        grads = np.load(folder / "grad_torch.npy"), np.load(folder / "grad_jax.npy")
-    print_comparison(f"Open-Sora attack step (VAE encode + 4-pair STDiT3 + grad to a {SIZE}x{SIZE} image, {FRAMES} "
-                     f"frames), {jx['params'] / 1e6:.0f}M params, {args.repeats} repeats, device {jx['device']}",
-                     "Open-Sora v1.2.0 (eager)", pt, jx, *grads)
+    upstream_benchmark_main(
+        __file__, f"Open-Sora attack step (VAE encode + 4-pair STDiT3 + grad to a {SIZE}x{SIZE} image, {FRAMES} frames "
+        f"-> {LATENT_FRAMES} latent frames)", "Open-Sora v1.2.0 (eager)", build_checkpoint, worker_torch, worker_jax)
 
 if __name__ == "__main__":
     main()

@@ -40,13 +40,18 @@ class ArcFace:
         return out
 
     def ism(self, clean_photos: Sequence[np.ndarray], frames: Sequence[np.ndarray]) -> dict:
-        """``ism`` (mean cosine to the clean photos' mean embedding over frames with a face; None without one)
-        and ``fdfr_arcface`` (share of frames without a face, by the same detector)."""
-        refs = [e for e in self.embed(clean_photos) if e is not None]
-        found = [e for e in self.embed(frames) if e is not None]
-        out = {"ism": None, "fdfr_arcface": 1.0 - len(found) / max(len(frames), 1)}
-        if refs and found:
-            ref = np.mean(refs, axis=0)
-            f = np.stack(found)
-            out["ism"] = float(np.mean(f @ ref / (np.linalg.norm(f, axis=-1) * np.linalg.norm(ref))))
-        return out
+        return ism(self.embed, clean_photos, frames)
+
+
+def ism(embed, clean_photos: Sequence[np.ndarray], frames: Sequence[np.ndarray]) -> dict:
+    """``ism`` (mean cosine to the clean photos' mean embedding over frames with a face; None without one) and
+    ``fdfr_arcface`` (share of frames without a face, by the same detector); ``embed(images)`` gives each image's
+    top-face embedding or None."""
+    refs = [e for e in embed(clean_photos) if e is not None]
+    found = [e for e in embed(frames) if e is not None]
+    out = {"ism": None, "fdfr_arcface": 1.0 - len(found) / max(len(frames), 1)}
+    if refs and found:
+        ref = np.mean(refs, axis=0)
+        f = np.stack(found)
+        out["ism"] = float(np.mean(f @ ref / (np.linalg.norm(f, axis=-1) * np.linalg.norm(ref))))
+    return out

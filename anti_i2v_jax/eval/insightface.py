@@ -149,17 +149,10 @@ class InsightFace:
         return out
 
     def ism(self, clean_photos: Sequence[np.ndarray], frames: Sequence[np.ndarray]) -> dict:
-        """``ism`` (mean cosine to the clean photos' mean embedding over frames with a face; None without one) and
-        ``fdfr_arcface`` (share of frames without a face, by the SCRFD detector)."""
-        refs = [e for e in self.embed(clean_photos) if e is not None]
-        found = [e for e in self.embed(frames) if e is not None]
-        out = {"ism": None, "fdfr_arcface": 1.0 - len(found) / max(len(frames), 1)}
-        if refs and found:
-            ref = np.mean(refs, axis=0)
-            f = np.stack(found)
-            out["ism"] = float(np.mean(f @ ref / (np.linalg.norm(f, axis=-1) * np.linalg.norm(ref))))
-        return out
+        """As :func:`anti_i2v_jax.eval.arcface.ism`, faces found by the SCRFD detector."""
+        from anti_i2v_jax.eval.arcface import ism
 
+        return ism(self.embed, clean_photos, frames)
 
 def _nms(dets: np.ndarray, thresh: float) -> list[int]:
     """Greedy NMS over boxes sorted best first (insightface's: +1 pixel areas, IoU above ``thresh`` dropped)."""
