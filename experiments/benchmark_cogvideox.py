@@ -102,6 +102,21 @@ def measure_jitted(fn, args, repeats: int) -> dict:
     return dict(median_s=median_s, compile_s=compile_s, first=first, peak_rss_mb=peak)
 
 
+def jax_worker_result(fn, args, repeats: int, folder: Path | None) -> dict:
+    """A side-by-side benchmark's JAX worker result: ``measure_jitted(fn, args)`` with ``fn -> (loss, grad to the
+    image)`` and ``args = (image, params, ...)``; the gradient saved as ``grad_jax.npy`` in ``folder`` (if any)."""
+    import jax
+    import jax.numpy as jnp
+
+    result = measure_jitted(fn, args, repeats)
+    loss, grad = result.pop("first")
+    if folder is not None:
+        np.save(folder / "grad_jax.npy", np.asarray(grad))
+    return dict(result, loss=float(loss), grad_norm=float(jnp.linalg.norm(grad)),
+                params=sum(int(np.prod(a.shape)) for a in jax.tree.leaves(args[1])),
+                device=jax.devices()[0].device_kind)
+
+
 def print_jax_only_table(title: str, result: dict) -> None:
     """The table of a JAX-only benchmark (when the upstream PyTorch code cannot run here)."""
     print(title)

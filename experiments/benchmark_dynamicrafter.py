@@ -37,7 +37,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from benchmark_cogvideox import measure_eager, measure_jitted, upstream_benchmark_main  # noqa: E402
+from benchmark_cogvideox import (  # noqa: E402
+    jax_worker_result,
+    measure_eager,
+    upstream_benchmark_main,
+)
 
 SIZE, FRAMES, TEXT_LEN = 128, 8, 77
 LATENT = SIZE // 8
@@ -210,14 +214,8 @@ def worker_jax(folder: Path | None, repeats: int) -> dict:
     params = jax.device_put(backbone.attack_params)  # what Protector holds: no VAE decoder, no text tower
     backbone, host_params = dataclasses.replace(backbone, params=None), None  # drop the host copies
     gc.collect()
-    result = measure_jitted(jax_step(backbone, jnp.asarray(inp["text"])),
-                            (jnp.asarray(inp["image"]), params, jnp.asarray(inp["noise"])), repeats)
-    loss, grad = result.pop("first")
-    if folder is not None:
-        np.save(folder / "grad_jax.npy", np.asarray(grad))
-    return dict(result, loss=float(loss), grad_norm=float(jnp.linalg.norm(grad)),
-                params=sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)),
-                device=jax.devices()[0].device_kind)
+    return jax_worker_result(jax_step(backbone, jnp.asarray(inp["text"])),
+                             (jnp.asarray(inp["image"]), params, jnp.asarray(inp["noise"])), repeats, folder)
 
 
 def main() -> None:

@@ -27,7 +27,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchmark_cogvideox import measure_eager, measure_jitted, upstream_benchmark_main  # noqa: E402
+from benchmark_cogvideox import (  # noqa: E402
+    jax_worker_result,
+    measure_eager,
+    upstream_benchmark_main,
+)
 
 SIZE, FRAMES, LATENT_FRAMES, TEXT_LEN, VALID = 64, 17, 5, 300, 20
 T = 700.0  # the fixed timestep (upstream units, 0..1000)
@@ -190,14 +194,8 @@ def worker_jax(folder: Path | None, repeats: int) -> dict:
         del host_params
         gc.collect()
     y_mask = jnp.arange(TEXT_LEN) < VALID
-    result = measure_jitted(jax_step(backbone, jnp.asarray(inp["y"]), y_mask),
-                            (jnp.asarray(inp["image"]), params, jnp.asarray(inp["noise"])), repeats)
-    loss, grad = result.pop("first")
-    if folder is not None:
-        np.save(folder / "grad_jax.npy", np.asarray(grad))
-    return dict(result, loss=float(loss), grad_norm=float(jnp.linalg.norm(grad)),
-                params=sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)),
-                device=jax.devices()[0].device_kind)
+    return jax_worker_result(jax_step(backbone, jnp.asarray(inp["y"]), y_mask),
+                             (jnp.asarray(inp["image"]), params, jnp.asarray(inp["noise"])), repeats, folder)
 
 
 def main() -> None:

@@ -30,16 +30,34 @@ FILES = [pytest.param("model.ckpt", marks=needs_torch), "model.safetensors"]
 CASES = case_dirs("dynamicrafter")
 
 
-def weights(case: Path, file_name: str) -> Path:
-    """The checkpoint file of ``case``: its own, or that of the case named by ``weights_from`` in its case.json (a
-    case at another frame count on the same tiny model); for a case with seeded weights (``seeded_weights``), the
-    file ``tools/golden/seeded.py`` builds from its keys, seed and buffers."""
+@functools.cache
+def _meta(case: Path) -> dict:
     import json
 
-    base = json.loads((case / "case.json").read_text()).get("weights_from")
-    root = (case / base).resolve() if base else case
+    return json.loads((case / "case.json").read_text())
+
+
+def _weights_root(case: Path) -> Path:
+    """The case folder that holds ``case``'s weights: its own, or the one its ``weights_from`` names (the same
+    tiny model run on other inputs)."""
+    base = _meta(case).get("weights_from")
+    return (case / base).resolve() if base else case
+
+
+def weights(case: Path, file_name: str) -> Path:
+    """The checkpoint file of ``case`` (from :func:`_weights_root`); for a case with seeded weights
+    (``seeded_weights``), the file ``tools/golden/seeded.py`` builds from its keys, seed and buffers."""
+    root = _weights_root(case)
     seeded = materialise(root)
     return seeded if seeded is not None and seeded.name == file_name else root / file_name
+
+
+def _has_weights(case: Path, file_name: str) -> bool:
+    """Whether ``weights(case, file_name)`` gives a file, without building a seeded one (that needs torch for a
+    .ckpt, which a test marked needs_torch then skips)."""
+    root = _weights_root(case)
+    seeded = _meta(root).get("seeded_weights")
+    return seeded["file"] == file_name if seeded else (root / file_name).exists()
 needs_case = pytest.mark.skipif(not CASES, reason="no dynamicrafter cases: set ANTI_I2V_FIXTURES")
 
 
@@ -322,21 +340,6 @@ def ours(case, file_name, output) -> np.ndarray:
             assert output in got, f"{case.name}: {output} is listed but {compute.__name__} does not produce it"
             return got[output]
     raise AssertionError(f"{case.name}: no check computes the listed output {output!r}")
-
-
-def _has_weights(case: Path, file_name: str) -> bool:
-    """Whether ``weights(case, file_name)`` gives a file, without building a seeded one (that needs torch for a
-    .ckpt, which a test marked needs_torch then skips)."""
-    meta = _meta(case)
-    root = (case / meta["weights_from"]).resolve() if meta.get("weights_from") else case
-    seeded = _meta(root).get("seeded_weights")
-    return seeded["file"] == file_name if seeded else (root / file_name).exists()
-
-
-def _meta(case) -> dict:
-    import json
-
-    return json.loads((case / "case.json").read_text())
 
 
 def _case_file_params():

@@ -37,10 +37,10 @@ def _session(path: Path):
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def find_models(folder: str | Path) -> tuple[Path, Path]:
-    """(detector, recogniser) among the ``.onnx`` files of a model-pack folder: the detector by its 6/9/10/15
-    outputs, the recogniser by its one output and 112x112 input. Other models of a pack (landmarks, gender/age)
-    are left alone."""
+def find_models(folder: str | Path):
+    """The detector and the recogniser among the ``.onnx`` files of a model-pack folder, each as ``(path,
+    onnxruntime session)``: the detector by its 6/9/10/15 outputs, the recogniser by its one output and 112x112
+    input. Other models of a pack (landmarks, gender/age) are left alone."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder (give an insightface model pack, e.g. buffalo_l)")
@@ -49,9 +49,9 @@ def find_models(folder: str | Path) -> tuple[Path, Path]:
         session = _session(path)
         outputs, shape = session.get_outputs(), session.get_inputs()[0].shape
         if len(outputs) in _LAYOUTS and det is None:
-            det = path
+            det = (path, session)
         elif len(outputs) == 1 and list(shape[2:4]) == [112, 112] and rec is None:
-            rec = path
+            rec = (path, session)
     if det is None or rec is None:
         missing = " and ".join(n for n, p in (("a detector (SCRFD)", det), ("a recogniser (ArcFace, 112x112)", rec))
                                if p is None)
@@ -65,8 +65,10 @@ class InsightFace:
 
     def __init__(self, models: str | Path | tuple[str | Path, str | Path], *, det_size: int = 640,
                  det_thresh: float = 0.5, nms_thresh: float = 0.4):
-        det, rec = find_models(models) if not isinstance(models, tuple) else (Path(models[0]), Path(models[1]))
-        self.det, self.rec = _session(det), _session(rec)
+        if isinstance(models, tuple):
+            (det, self.det), (rec, self.rec) = ((Path(m), _session(Path(m))) for m in models)
+        else:  # the pack's sessions, loaded once while finding them
+            (det, self.det), (rec, self.rec) = find_models(models)
         n_out = len(self.det.get_outputs())
         if n_out not in _LAYOUTS:
             raise UserError(f"{det}: {n_out} outputs; an SCRFD detector has 6, 9, 10 or 15")
