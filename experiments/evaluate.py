@@ -296,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dino-reference", choices=("clean-video", "clean-photo"), default="clean-video",
                    help="DINO against the clean photo's video frame by frame, or against the clean photo "
                    "(default: %(default)s)")
-    p.add_argument("--arcface", type=Path, help="the ISM column: a local insightface ONNX model pack folder (e.g. buffalo_l: SCRFD detector + ArcFace) or an arcface_torch backbone.pth (on dlib faces)")
+    p.add_argument("--arcface", type=Path, help="the ISM column: a folder with DeepFace's arcface_weights.h5 + retinaface.h5 (the paper's pipeline), a local insightface ONNX model pack folder (e.g. buffalo_l: SCRFD detector + ArcFace) or an arcface_torch backbone.pth (on dlib faces)")
     p.add_argument("--arcface-arch", choices=IRESNETS, default="iresnet100",
                    help="the ArcFace checkpoint's iResNet (default: %(default)s)")
     p.add_argument("--cfiqa", type=Path, help="local CR-FIQA backbone.pth (the C-FIQA column)")

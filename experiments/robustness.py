@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights", action="append", default=[], metavar="NAME=DIR", help="converted weights, per backbone")
     p.add_argument("--dino", type=Path, help="local facebook/dino-vits16 folder")
     p.add_argument("--dino-reference", choices=("clean-video", "clean-photo"), default="clean-video")
-    p.add_argument("--arcface", type=Path, help="a local insightface ONNX model pack folder (e.g. buffalo_l) or an arcface_torch backbone.pth")
+    p.add_argument("--arcface", type=Path, help="a folder with DeepFace's arcface_weights.h5 + retinaface.h5, a local insightface ONNX model pack folder (e.g. buffalo_l) or an arcface_torch backbone.pth")
     p.add_argument("--arcface-arch", choices=IRESNETS, default="iresnet100")
     p.add_argument("--cfiqa", type=Path, help="local CR-FIQA backbone.pth")
     p.add_argument("--cfiqa-arch", choices=IRESNETS, default="iresnet50")

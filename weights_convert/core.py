@@ -34,6 +34,7 @@ TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[tuple]
     "conv1x1_linear": (lambda a: a[:, :, 0, 0].T, lambda s: (s[1], s[0])),  # 1x1 Conv2d used as a Linear
     "conv1d_k1_linear": (lambda a: a[:, :, 0].T, lambda s: (s[1], s[0])),  # kernel-1 Conv1d used as a Linear
     "conv1x1_vector": (lambda a: a[0, :, 0, 0], lambda s: (s[1],)),  # a (1, C, 1, 1) Conv2d: per-channel weights
+    "flatten": (lambda a: a.reshape(-1), lambda s: (int(np.prod(s)),)),  # Keras PReLU slopes (1, 1, C) -> (C,)
 }
 
 
@@ -313,6 +314,52 @@ class DictSource:
 
     def load(self, key: str) -> np.ndarray:
         return np.asarray(self._t[key])
+
+
+class KerasH5Source:
+    """A Keras 2 weights file (``model.save_weights("x.h5")``, the layout of DeepFace's ``arcface_weights.h5``
+    and ``retinaface.h5``), read with h5py: key ``<layer>/<weight>`` (``conv0/kernel``, ``bn0/moving_mean``),
+    one per weight of each layer in the file's ``layer_names``, in file order. Keras kernels are already in Flax's
+    layouts (HWIO, (in, out)). Keras 3's ``.weights.h5`` layout (no ``layer_names``) is refused with the reason."""
+
+    def __init__(self, path: str | Path):
+        try:
+            import h5py
+        except ImportError:
+            raise UserError(f"{path}: reading Keras .h5 weights needs h5py: pip install h5py") from None
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        self.path = path
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise UserError(f"{path}: not an HDF5 file ({e})") from None
+        root = f["model_weights"] if "model_weights" in f else f  # a whole-model .h5 keeps weights there
+        if "layer_names" not in root.attrs:
+            f.close()
+            raise UserError(f"{path}: not a Keras 2 weights file (no layer_names; a Keras 3 .weights.h5 must be "
+                            "re-saved with tf_keras, as the files DeepFace distributes are)")
+        self._file, self._datasets = f, {}
+        for layer in root.attrs["layer_names"]:
+            layer = layer.decode() if isinstance(layer, bytes) else str(layer)
+            group = root[layer]
+            for name in group.attrs.get("weight_names", []):
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                short = name.rsplit("/", 1)[-1].split(":", 1)[0]
+                key = f"{layer}/{short}"
+                if key in self._datasets:
+                    raise UserError(f"{path}: weight {key} appears twice")
+                self._datasets[key] = group[name]
+
+    def keys(self) -> list[str]:
+        return list(self._datasets)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._datasets[key].shape)
+
+    def load(self, key: str) -> np.ndarray:
+        return np.asarray(self._datasets[key][()])
 
 
 # ------------------------------------------------------------------------------------------ mapping

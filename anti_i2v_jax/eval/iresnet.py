@@ -26,12 +26,16 @@ WIDTHS = (64, 128, 256, 512)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IResNetConfig:
-    """Blocks per stage; ``quality_head``: CR-FIQA's ``qs`` output."""
+    """Blocks per stage; ``quality_head``: CR-FIQA's ``qs`` output. ``widths``, ``bn_eps`` and ``flatten`` are
+    PyTorch's by default; DeepFace's Keras ArcFace (the same network) has eps 2e-5 and flattens channel-last."""
 
     layers: tuple[int, int, int, int]
     num_features: int = 512
     quality_head: bool = True
     input_size: int = 112
+    widths: tuple[int, int, int, int] = WIDTHS
+    bn_eps: float = 1e-5
+    flatten: str = "chw"  # "chw": PyTorch's NCHW order before the Linear; "hwc": Keras' NHWC order
 
 
 def iresnet18(**kw) -> IResNetConfig:
@@ -89,15 +93,17 @@ class IBasicBlock(nn.Module):
     planes: int
     stride: int
     shortcut: bool
+    eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x):
-        out = BatchNorm(name="bn1")(x)
+        bn = lambda name: BatchNorm(self.eps, name=name)  # noqa: E731
+        out = bn("bn1")(x)
         out = _conv(self.planes, 3, 1, "conv1")(out)
-        out = PReLU(name="prelu")(BatchNorm(name="bn2")(out))
-        out = BatchNorm(name="bn3")(_conv(self.planes, 3, self.stride, "conv2")(out))
+        out = PReLU(name="prelu")(bn("bn2")(out))
+        out = bn("bn3")(_conv(self.planes, 3, self.stride, "conv2")(out))
         if self.shortcut:
-            x = BatchNorm(name="downsample_1")(_conv(self.planes, 1, self.stride, "downsample_0")(x))
+            x = bn("downsample_1")(_conv(self.planes, 1, self.stride, "downsample_0")(x))
         return out + x
 
 
@@ -107,17 +113,21 @@ class IResNet(nn.Module):
     @nn.compact
     def __call__(self, x):  # (B, 112, 112, 3) normalised BGR -> (embedding (B, F), quality (B,) or None)
         cfg = self.config
-        x = PReLU(name="prelu")(BatchNorm(name="bn1")(_conv(64, 3, 1, "conv1")(x)))
-        inplanes = 64
-        for stage, (planes, blocks) in enumerate(zip(WIDTHS, cfg.layers), start=1):
+        if cfg.flatten not in ("chw", "hwc"):
+            raise ValueError(f"flatten must be 'chw' or 'hwc', got {cfg.flatten!r}")
+        x = PReLU(name="prelu")(BatchNorm(cfg.bn_eps, name="bn1")(_conv(cfg.widths[0], 3, 1, "conv1")(x)))
+        inplanes = cfg.widths[0]
+        for stage, (planes, blocks) in enumerate(zip(cfg.widths, cfg.layers), start=1):
             for i in range(blocks):
                 stride = 2 if i == 0 else 1
                 shortcut = i == 0 and (stride != 1 or inplanes != planes)
-                x = IBasicBlock(planes, stride, shortcut, name=f"layer{stage}_{i}")(x)
+                x = IBasicBlock(planes, stride, shortcut, cfg.bn_eps, name=f"layer{stage}_{i}")(x)
                 inplanes = planes
-        x = BatchNorm(name="bn2")(x)
-        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # (B, H, W, C) -> (B, C*H*W), PyTorch's order
-        x = BatchNorm(name="features")(nn.Dense(cfg.num_features, name="fc")(x))
+        x = BatchNorm(cfg.bn_eps, name="bn2")(x)
+        if cfg.flatten == "chw":  # (B, H, W, C) -> (B, C*H*W), PyTorch's order
+            x = jnp.transpose(x, (0, 3, 1, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = BatchNorm(cfg.bn_eps, name="features")(nn.Dense(cfg.num_features, name="fc")(x))
         quality = nn.Dense(1, name="qs")(x)[:, 0] if cfg.quality_head else None
         return x, quality
 

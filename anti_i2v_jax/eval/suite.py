@@ -30,8 +30,9 @@ from anti_i2v_jax.eval.identity import (
 # name -> (table heading, one-line definition)
 PAPER_METRICS: dict[str, tuple[str, str]] = {
     "ism": ("ISM", "ArcFace cosine of each frame's face to the clean photo's, mean over frames with a face "
-            "(--arcface: an insightface ONNX model pack, SCRFD faces and ArcFace, or an arcface_torch iResNet "
-            "on faces found and aligned by dlib)"),
+            "(--arcface: a folder of DeepFace's arcface_weights.h5 + retinaface.h5, the paper's pipeline; an "
+            "insightface ONNX model pack, SCRFD faces and ArcFace; or an arcface_torch iResNet on faces found "
+            "and aligned by dlib)"),
     "cfiqa": ("C-FIQA", "CR-FIQA quality score of the frames' aligned faces, mean over frames with a face"),
     "qalign_frame": ("Q-A(F)", "Q-Align image quality, mean over frames, in [0, 1]"),
     "qalign_video": ("Q-A(V)", "Q-Align video quality at 1 fps, in [0, 1]"),
@@ -113,10 +114,15 @@ class Evaluator:
     def arcface(self):
         if self._arcface is None:
             s = self.settings
-            if s.arcface is not None and Path(s.arcface).is_dir():  # an insightface ONNX pack: its own detector
+            if s.arcface is not None and Path(s.arcface).is_dir():
+                from anti_i2v_jax.eval import deepface
+
+                if any((Path(s.arcface) / n).is_file() for n in (deepface.ARCFACE_FILE, deepface.RETINAFACE_FILE)):
+                    self._arcface = deepface.DeepFace(s.arcface)  # the paper's own: DeepFace's Keras weights
+                    return self._arcface
                 from anti_i2v_jax.eval.insightface import InsightFace
 
-                self._arcface = InsightFace(s.arcface)
+                self._arcface = InsightFace(s.arcface)  # an insightface ONNX pack: its own detector
                 return self._arcface
 
             def build(faces):
