@@ -38,6 +38,10 @@ import time
 CPU_PASSES_OFF = "cse_barrier_expander,while-loop-invariant-code-motion"
 if "--cpu-passes" not in sys.argv:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_disable_hlo_passes={CPU_PASSES_OFF}").strip()
+# The program is compiled for its memory analysis, never run: LLVM's expensive optimisations of the CPU code
+# (which come after buffer assignment, so they cannot change the estimate) are skipped. DynamiCrafter-256: the
+# same bytes, 7% less compile time.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_llvm_disable_expensive_passes=true").strip()
 
 import jax
 import jax.numpy as jnp

@@ -34,7 +34,11 @@ class MultiheadAttention(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``layers`` residual blocks; ``run`` of them are executed (the text tower's "penultimate" runs L - 1)."""
+    """``layers`` residual blocks; ``run`` of them are executed (the text tower's "penultimate" runs L - 1).
+
+    ``scan``: one compiled block run by ``nn.scan`` over the layers (parameters under ``resblocks/block`` with a
+    leading layer axis, :func:`stack_resblocks`), so a deep tower costs one block of compile time; otherwise
+    ``resblocks_<i>``, the checkpoint's layout. Both give the same values and taps."""
 
     width: int
     layers: int
@@ -42,14 +46,40 @@ class Transformer(nn.Module):
     mlp_ratio: float = 4.0
     taps: tuple[int, ...] = ()
     eps: float = 1e-5
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None, run: int | None = None):
+        if self.scan:
+            if run not in (None, self.layers):
+                raise ValueError(f"a scanned Transformer runs all its {self.layers} layers, not {run}")
+            stack = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=nn.broadcast, length=self.layers)
+            x, outs = stack(self.width, self.heads, self.mlp_ratio, self.eps, bool(self.taps), name="resblocks")(x, mask)
+            for i in self.taps:
+                self.sow("intermediates", f"tap:{i}", outs[i])
+            return x
         for i in range(self.layers if run is None else run):
             x = _Block(self.width, self.heads, self.mlp_ratio, self.eps, name=f"resblocks_{i}")(x, mask)
             if i in self.taps:
                 self.sow("intermediates", f"tap:{i}", x)
         return x
+
+
+def stack_resblocks(params: dict, layers: int) -> dict:
+    """A Transformer's looped parameters (``resblocks_<i>``) -> the ``scan`` layout (``resblocks/block`` with a
+    leading layer axis); checkpoints are converted looped."""
+    import jax
+
+    def stack(*xs):
+        if isinstance(xs[0], jax.ShapeDtypeStruct):  # an abstract tree (shapes only)
+            return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
+        return jnp.stack(xs)
+
+    params = dict(params)
+    blocks = [params.pop(f"resblocks_{i}") for i in range(layers)]
+    params["resblocks"] = {"block": jax.tree.map(stack, *blocks)}
+    return params
 
 
 class _Block(nn.Module):
@@ -63,6 +93,21 @@ class _Block(nn.Module):
         ln = lambda name: nn.LayerNorm(epsilon=self.eps, use_fast_variance=False, name=name)  # noqa: E731
         x = x + MultiheadAttention(self.width, self.heads, name="attn")(ln("ln_1")(x), mask)
         return x + _Mlp(self.width, self.mlp_ratio, name="mlp")(ln("ln_2")(x))
+
+
+class _ScanBlock(nn.Module):
+    """One layer of a scanned Transformer: ``(x, mask) -> (carry, the block's output if collected)``."""
+
+    width: int
+    heads: int
+    mlp_ratio: float
+    eps: float
+    collect: bool
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        x = _Block(self.width, self.heads, self.mlp_ratio, self.eps, name="block")(x, mask)
+        return x, (x if self.collect else None)
 
 
 class _Mlp(nn.Module):

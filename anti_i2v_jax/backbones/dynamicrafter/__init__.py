@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from anti_i2v_jax.backbones.dynamicrafter.backbone import (
@@ -28,8 +29,21 @@ def tiny_backbone(seed: int = 0) -> DynamiCrafterBackbone:
 
 
 def real_size_execution(config: DynamiCrafterConfig) -> DynamiCrafterConfig:
-    """The execution switches of a real-size run: every ResBlock and transformer rematerialised."""
-    return DynamiCrafterBackbone.with_execution(config, remat=True)
+    """The execution switches of a real-size run: every ResBlock and transformer rematerialised, the CLIP image
+    tower's blocks scanned (its parameters in the stacked layout: :func:`scan_layout`)."""
+    config = DynamiCrafterBackbone.with_execution(config, remat=True)
+    return dataclasses.replace(config, vision=dataclasses.replace(config.vision, scan_layers=True))
+
+
+def scan_layout(params: dict, config: DynamiCrafterConfig) -> dict:
+    """Converted (looped) parameters -> the layout ``config``'s execution switches expect."""
+    if not config.vision.scan_layers or "resblocks" in params["clip_image"]["transformer"]:
+        return params
+    from anti_i2v_jax.nn.clip import stack_resblocks
+
+    clip = dict(params["clip_image"])
+    clip["transformer"] = stack_resblocks(clip["transformer"], config.vision.layers)
+    return {**params, "clip_image": clip}
 
 
 def abstract_backbone(config: DynamiCrafterConfig, name: str) -> DynamiCrafterBackbone:
@@ -61,7 +75,8 @@ def load_converted(path: str | Path, name: str) -> DynamiCrafterBackbone:
         from anti_i2v_jax.backbones.text.openclip_tokenizer import OpenCLIPTokenizer
 
         tokenizer = OpenCLIPTokenizer(path / "tokenizer", config.text.context_length)
-    return DynamiCrafterBackbone(name=name, config=real_size_execution(config), params=params, tokenizer=tokenizer)
+    config = real_size_execution(config)
+    return DynamiCrafterBackbone(name=name, config=config, params=scan_layout(params, config), tokenizer=tokenizer)
 
 
 register(BackboneSpec(

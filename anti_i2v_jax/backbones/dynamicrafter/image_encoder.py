@@ -27,6 +27,9 @@ class VisionConfig:
     patch_size: int = 14
     mlp_ratio: float = 4.0
     embed_dim: int = 1024  # the open_clip model's embed_dim: the output width of ``visual.proj`` (ImageHead)
+    # Execution: the 32 blocks as one scanned block (parameters in the stacked layout, nn.clip.stack_resblocks);
+    # on for real-size runs, where the tower is about a third of the step's compile time.
+    scan_layers: bool = False
 
     @property
     def heads(self) -> int:
@@ -48,7 +51,8 @@ class VisionTower(nn.Module):
         pos = self.param("positional_embedding", nn.initializers.normal(cfg.width**-0.5), (x.shape[1] + 1, cfg.width))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, cfg.width)).astype(x.dtype), x], axis=1) + pos
         x = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="ln_pre")(x)
-        return Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, taps=self.taps, name="transformer")(x)
+        return Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, taps=self.taps, scan=cfg.scan_layers,
+                           name="transformer")(x)
 
 
 class ImageHead(nn.Module):
