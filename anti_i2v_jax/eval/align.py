@@ -54,3 +54,23 @@ def align(image: np.ndarray, points: np.ndarray, size: int = 112) -> np.ndarray:
     m = similarity(np.asarray(points, np.float64), ARCFACE_TEMPLATE * (size / 112.0))
     return cv2.warpAffine(np.ascontiguousarray(image[..., :3]), m, (size, size), flags=cv2.INTER_LINEAR,
                           borderValue=0.0)
+
+
+def nms(dets: np.ndarray, thresh: float, *, drop_equal: bool = False) -> list[int]:
+    """Greedy NMS of ``(N, 5)`` boxes (x1, y1, x2, y2, score), best first, ``+1`` pixel areas (the face
+    detectors' convention): a box overlapping a kept one by IoU above ``thresh`` is dropped, and at exactly
+    ``thresh`` too when ``drop_equal`` (retina-face's rule; insightface keeps it). Returns the kept indices."""
+    x1, y1, x2, y2 = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3]
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = dets[:, 4].argsort()[::-1]
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(int(i))
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter)
+        order = rest[iou < thresh] if drop_equal else rest[iou <= thresh]
+    return keep
+

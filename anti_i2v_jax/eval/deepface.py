@@ -44,6 +44,7 @@ import numpy as np
 
 from anti_i2v_jax.errors import UserError
 from anti_i2v_jax.eval import iresnet
+from anti_i2v_jax.eval.align import nms
 from anti_i2v_jax.eval.iresnet import BatchNorm
 
 EPS = float(np.float32(2e-5))  # Keras' BatchNormalization epsilon in both files (1.9999999494757503e-05)
@@ -232,14 +233,16 @@ class DeepFace:
         """The faces of ``image`` (uint8 (H, W, 3) RGB) as retina-face's ``detect_faces`` finds them, best first."""
         import cv2
 
-        bgr = np.ascontiguousarray(np.asarray(image)[..., :3][..., ::-1])
-        h, w = bgr.shape[:2]
+        # The reference resizes the BGR image and hands the network RGB; the resize works per channel, so the RGB
+        # image is resized directly.
+        rgb = np.ascontiguousarray(np.asarray(image)[..., :3])
+        h, w = rgb.shape[:2]
         scale = SHORT_SIDE / float(min(h, w))
         if np.round(scale * max(h, w)) > LONG_SIDE_MAX:
             scale = LONG_SIDE_MAX / float(max(h, w))
-        resized = bgr if scale == 1.0 else cv2.resize(bgr, None, None, fx=scale, fy=scale,
+        resized = rgb if scale == 1.0 else cv2.resize(rgb, None, None, fx=scale, fy=scale,
                                                       interpolation=cv2.INTER_LINEAR)
-        outs = self._detect(self.det_params, resized[None, ..., ::-1].astype(np.float32))
+        outs = self._detect(self.det_params, resized[None].astype(np.float32))
         boxes, scores, points = [], [], []
         for stride, (prob, box, lmk) in zip(STRIDES, outs):
             prob, box, lmk = (np.asarray(o)[0] for o in (prob, box, lmk))
@@ -260,16 +263,15 @@ class DeepFace:
         order = score.ravel().argsort()[::-1]
         dets = np.hstack([boxes_all[order, :4], score[order]]).astype(np.float32)
         points_all = np.vstack(points)[order].astype(np.float32)
-        keep = _nms(dets, NMS_IOU)
+        keep = nms(dets, NMS_IOU, drop_equal=True)
         return [Face(float(dets[i, 4]), tuple(int(v) for v in dets[i, :4].astype(int)), points_all[i]) for i in keep]
 
     # ------------------------------------------------------------------------------------------ recognition
 
     def face_input(self, image: np.ndarray, face: Face) -> np.ndarray | None:
         """The network input for ``face`` (float32 (112, 112, 3) BGR in [0, 1]), None for an empty box."""
-        bgr = np.ascontiguousarray(np.asarray(image)[..., :3][..., ::-1])
         x1, y1, x2, y2 = face.area
-        crop = bgr[y1:y2, x1:x2]
+        crop = np.ascontiguousarray(np.asarray(image)[y1:y2, x1:x2, :3][..., ::-1])  # BGR, as OpenCV read it
         if not (crop.shape[0] > 0 and crop.shape[1] > 0):
             return None
         return _fit(_level_eyes(crop, face.landmarks[0], face.landmarks[1]))
@@ -340,22 +342,6 @@ def _clip(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, w - 1)
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, h - 1)
     return boxes
-
-
-def _nms(dets: np.ndarray, thresh: float) -> list[int]:
-    """Greedy NMS, best first: a box overlapping a kept one by IoU ``>= thresh`` is dropped (``+1`` areas)."""
-    x1, y1, x2, y2 = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3]
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = dets[:, 4].argsort()[::-1]
-    keep = []
-    while order.size:
-        i, rest = order[0], order[1:]
-        keep.append(int(i))
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
-        inter = w * h
-        order = rest[inter / (areas[i] + areas[rest] - inter) < thresh]
-    return keep
 
 
 def _level_eyes(crop: np.ndarray, first_eye: np.ndarray, second_eye: np.ndarray) -> np.ndarray:

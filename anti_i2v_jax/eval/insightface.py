@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from anti_i2v_jax.errors import UserError
-from anti_i2v_jax.eval.align import ARCFACE_TEMPLATE, similarity
+from anti_i2v_jax.eval.align import ARCFACE_TEMPLATE, nms, similarity
 
 # Output count -> (keypoints?, strides, anchors per location), as insightface's SCRFD reads its models.
 _LAYOUTS = {6: (False, (8, 16, 32), 2), 9: (True, (8, 16, 32), 2), 10: (False, (8, 16, 32, 64, 128), 1),
@@ -124,7 +124,7 @@ class InsightFace:
         order = score.argsort()[::-1]
         dets = np.hstack([np.vstack(boxes) / scale, np.vstack(scores)]).astype(np.float32)[order]
         kpss = (np.vstack(points) / scale)[order]
-        keep = _nms(dets, self.nms_thresh)
+        keep = nms(dets, self.nms_thresh)  # insightface keeps an IoU equal to the threshold
         return dets[keep], kpss[keep].astype(np.float32)
 
     # ---------------------------------------------------------------------------------------- recognition
@@ -155,18 +155,3 @@ class InsightFace:
         from anti_i2v_jax.eval.arcface import ism
 
         return ism(self.embed, clean_photos, frames)
-
-def _nms(dets: np.ndarray, thresh: float) -> list[int]:
-    """Greedy NMS over boxes sorted best first (insightface's: +1 pixel areas, IoU above ``thresh`` dropped)."""
-    x1, y1, x2, y2 = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3]
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = dets[:, 4].argsort()[::-1]
-    keep = []
-    while order.size:
-        i, rest = order[0], order[1:]
-        keep.append(int(i))
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
-        inter = w * h
-        order = rest[inter / (areas[i] + areas[rest] - inter) <= thresh]
-    return keep

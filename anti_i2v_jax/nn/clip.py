@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from anti_i2v_jax.nn.attention import attention
+from anti_i2v_jax.nn.remat import stack_layers
 
 
 class MultiheadAttention(nn.Module):
@@ -69,17 +70,8 @@ class Transformer(nn.Module):
 def stack_resblocks(params: dict, layers: int) -> dict:
     """A Transformer's looped parameters (``resblocks_<i>``) -> the ``scan`` layout (``resblocks/block`` with a
     leading layer axis); checkpoints are converted looped."""
-    import jax
-
-    def stack(*xs):
-        if isinstance(xs[0], jax.ShapeDtypeStruct):  # an abstract tree (shapes only)
-            return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
-        return jnp.stack(xs)
-
-    params = dict(params)
-    blocks = [params.pop(f"resblocks_{i}") for i in range(layers)]
-    params["resblocks"] = {"block": jax.tree.map(stack, *blocks)}
-    return params
+    rest, stacked = stack_layers(params, "resblocks", layers)
+    return {**rest, "resblocks": {"block": stacked}}
 
 
 class _Block(nn.Module):

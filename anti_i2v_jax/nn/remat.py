@@ -13,6 +13,8 @@ may keep besides its inputs (the names of ``jax.checkpoint_policies``):
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 
@@ -37,3 +39,20 @@ def maybe_remat(module_cls, enabled: bool, policy: str = "nothing_saveable", **k
     if not enabled:
         return module_cls
     return nn.remat(module_cls, policy=POLICIES[check_policy(policy)], **kwargs)
+
+
+def stack_layers(params: dict, prefix: str, n: int) -> tuple[dict, Any]:
+    """Split looped layer parameters off for a scan: ``(params without prefix_0..prefix_{n-1}, those n trees stacked
+    on a new leading layer axis)``. Converted checkpoints are stored looped; abstract trees (ShapeDtypeStructs)
+    stack to abstract leaves."""
+    import jax.numpy as jnp
+
+    def stack(*xs):
+        if isinstance(xs[0], jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
+        return jnp.stack(xs)
+
+    rest = dict(params)
+    layers = [rest.pop(f"{prefix}_{i}") for i in range(n)]
+    return rest, jax.tree.map(stack, *layers)
+

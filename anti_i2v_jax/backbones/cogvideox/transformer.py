@@ -23,7 +23,7 @@ from anti_i2v_jax.nn.embeddings import (
     sincos_1d,
     timestep_embedding,
 )
-from anti_i2v_jax.nn.remat import maybe_remat
+from anti_i2v_jax.nn.remat import maybe_remat, stack_layers
 
 
 def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
@@ -339,10 +339,8 @@ class _AdaLayerNorm(nn.Module):
 def stack_blocks(params: dict, num_layers: int) -> dict:
     """Looped transformer parameters (``transformer_blocks_i``) -> the ``scan_layers`` layout (a leading
     layer axis under ``transformer_blocks/block``); converted checkpoints are stored looped."""
-    params = dict(params)
-    blocks = [params.pop(f"transformer_blocks_{i}") for i in range(num_layers)]
-    params["transformer_blocks"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
-    return params
+    rest, stacked = stack_layers(params, "transformer_blocks", num_layers)
+    return {**rest, "transformer_blocks": {"block": stacked}}
 
 
 def block_taps(state: dict, layers: Sequence[int]) -> tuple[dict[int, jax.Array], dict[int, jax.Array]]:

@@ -21,7 +21,7 @@ import numpy as np
 from anti_i2v_jax.configs import parse_config
 from anti_i2v_jax.nn.attention import attention
 from anti_i2v_jax.nn.embeddings import apply_interleaved_rope, timestep_embedding
-from anti_i2v_jax.nn.remat import maybe_remat
+from anti_i2v_jax.nn.remat import maybe_remat, stack_layers
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -304,12 +304,9 @@ class _Pair(nn.Module):
 
 def stack_pairs(params: dict, depth: int) -> dict:
     """Looped STDiT3 parameters (``spatial_blocks_i``/``temporal_blocks_i``) -> the ``scan_layers`` layout."""
-    params = dict(params)
-    spatial = [params.pop(f"spatial_blocks_{i}") for i in range(depth)]
-    temporal = [params.pop(f"temporal_blocks_{i}") for i in range(depth)]
-    stack = lambda blocks: jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)  # noqa: E731
-    params["blocks"] = {"spatial": stack(spatial), "temporal": stack(temporal)}
-    return params
+    rest, spatial = stack_layers(params, "spatial_blocks", depth)
+    rest, temporal = stack_layers(rest, "temporal_blocks", depth)
+    return {**rest, "blocks": {"spatial": spatial, "temporal": temporal}}
 
 
 class _PatchEmbed(nn.Module):
