@@ -59,8 +59,9 @@ def _sds(tree):
 def step_function(backbone, *, normalize: bool = True):
     """(fn, abstract args) of one protection step of ``backbone`` at its model size (one image).
 
-    ``normalize=False`` leaves out the term normalisation, which runs ``normalize_draws`` forward passes once,
-    at step 0, inside the same program: in the memory estimate, but not a per-step cost.
+    The chunk is one step long. Its scan also holds the ``normalize_draws`` normalisation draws of step 0
+    (iterations of the same body: no more program or memory, but more FLOPs); ``normalize=False`` leaves them
+    out, for the FLOPs of a step.
     """
     from anti_i2v_jax.attack import (
         AttackConfig,
@@ -113,7 +114,7 @@ def measure(name: str, precision: str, remat: bool = True, lpips: bool = True) -
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    # FLOPs of a step (the step-0 normalisation is left out: it runs once per image, not per step)
+    # FLOPs of a step (without the step-0 normalisation draws: they run once per image, not per step)
     step_fn, step_args = step_function(backbone, normalize=False)
     flops = jaxpr_flops(jax.make_jaxpr(step_fn)(*step_args).jaxpr)
     plain_fn, plain_args = step_function(backbone.configured(remat=False), normalize=False)

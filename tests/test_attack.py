@@ -254,6 +254,43 @@ def test_non_finite_loss_names_step_and_term(image):
         protect(bad, image, AttackConfig.for_method("advdm", steps=3, chunk_size=3, checkpoint_every=3))
 
 
+def test_non_finite_normalisation_draw_is_named(image):
+    """The normalisation draws run as the first iterations of the loop; a NaN there is reported as a draw."""
+    bad = TinyBackbone.create(nan_loss=True)
+    config = AttackConfig(weights=(("dm", -1.0),), steps=3, chunk_size=3, checkpoint_every=3)
+    with pytest.raises(NonFiniteError, match=r"normalisation draw 1 of 4 at step 0: loss term 'dm' is nan"):
+        protect(bad, image, config)
+
+
+@pytest.mark.slow
+def test_a_save_from_before_the_draws_ran_in_the_loop_resumes(backbone, image, tmp_path):
+    """Saves written before the normalisation draws were loop iterations lack the draws' state; they resume."""
+    from anti_i2v_jax.attack.checkpoints import _Checkpointer, _fingerprint
+    from anti_i2v_jax.attack.step import _prepare_target
+
+    config = AttackConfig(steps=6, chunk_size=3, checkpoint_every=3, seed=2)
+    full = protect(backbone, image, config)
+    ckpt = tmp_path / "state"
+
+    def stop(step, history):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        protect(backbone, image, config, checkpoint_dir=ckpt, callback=stop)
+    target = _prepare_target(None, image.shape[:2], config.target_seed)
+    fingerprint = _fingerprint(backbone, resolve_terms(backbone, config)[0], target, image, prompts=[config.prompt])
+    saved = _Checkpointer(ckpt, fingerprint)
+    state, history = saved.restore()
+    assert {"draw", "acc"} <= set(state)
+    saved.remove()
+    _Checkpointer(ckpt, fingerprint).save(3, {k: v for k, v in state.items() if k not in ("draw", "acc")}, history)
+
+    resumed = protect(backbone, image, config, checkpoint_dir=ckpt)
+    assert resumed.resumed_from == 3
+    np.testing.assert_array_equal(resumed.image, full.image)
+    np.testing.assert_array_equal(resumed.history["total"], full.history["total"])
+
+
 @pytest.mark.slow
 def test_non_finite_gradient_names_step_and_term(image, tmp_path):
     bad = TinyBackbone.create(nan_grad=True)

@@ -22,7 +22,14 @@ from anti_i2v_jax.attack.config import (
     resolve_terms,
 )
 from anti_i2v_jax.attack.executors import BATCHINGS, Batching, Mode, _executor, _index
-from anti_i2v_jax.attack.step import _initial_state, _make_chunk_fn, _prepare_target
+from anti_i2v_jax.attack.step import (
+    DRAW,
+    IDLE,
+    STEP,
+    _initial_state,
+    _make_chunk_fn,
+    _prepare_target,
+)
 from anti_i2v_jax.backbones.base import Backbone
 from anti_i2v_jax.errors import NonFiniteError, UserError
 
@@ -129,6 +136,10 @@ class Protector:
         restored = ckpt.restore() if ckpt else None
         if restored is not None:
             state, history = restored
+            # Saves written before the normalisation draws ran in the loop lack the draws' fields; every save is
+            # past its draws.
+            state.setdefault("draw", np.full(len(images), config.normalize_draws, np.int32))
+            state.setdefault("acc", np.zeros((len(images), len(names)), np.float32))
         else:
             state = jax.tree.map(lambda *xs: np.stack(xs), *[_initial_state(config, x) for x in x0])
             history = np.zeros((len(images), 0, len(names) + 1), np.float32)
@@ -154,10 +165,11 @@ class Protector:
                 prev_state = state
                 state, record = run(params, x0, target, text, state)  # the state stays on device
                 record = jax.tree.map(np.asarray, record)
-                n = min(config.chunk_size, config.steps - step)
-                self._check_finite(record, step, n, prev_state, x0, target, text, terms_at)
-                rows = np.concatenate([record["values"][:, :n], record["total"][:, :n, None]], axis=-1)
+                self._check_finite(record, step, prev_state, x0, target, text, terms_at)
+                is_step = record["kind"][0] == STEP  # the images of a round move in step (draws, steps, idle)
+                rows = np.concatenate([record["values"][:, is_step], record["total"][:, is_step, None]], axis=-1)
                 history = np.concatenate([history, rows], axis=1)
+                n = int(is_step.sum())
                 step += n
                 bar.set_postfix({k: f"{v:.4g}" for k, v in zip(names, history[0, -1])}, refresh=False)
                 bar.update(n)  # draws the values of the chunk just finished
@@ -178,20 +190,25 @@ class Protector:
             ckpt.remove()
         return out
 
-    def _check_finite(self, record, first_step, n, prev_state, x0, target, text, terms_at):
+    def _check_finite(self, record, first_step, prev_state, x0, target, text, terms_at):
         names = self.config.term_names
-        values, total, grad_ok = record["values"][:, :n], record["total"][:, :n], record["grad_finite"][:, :n]
-        bad = ~np.isfinite(values).all(-1) | ~np.isfinite(total) | ~grad_ok
+        kind, values, total, grad_ok = record["kind"], record["values"], record["total"], record["grad_finite"]
+        # A draw's gradient is never used; its values set the scales.
+        bad = (kind != IDLE) & ~np.isfinite(values).all(-1) | (kind == STEP) & (~np.isfinite(total) | ~grad_ok)
         if not bad.any():
             return
-        image, offset = (int(a[0]) for a in np.nonzero(bad))
-        step = first_step + offset
+        image, index = (int(a[0]) for a in np.nonzero(bad))
         where = f"image {image}, " if len(x0) > 1 else ""
-        for k, v in zip(names, values[image, offset]):
+        offset = int((kind[image, :index] == STEP).sum())  # steps of this chunk before the bad one
+        if kind[image, index] == DRAW:
+            draw = int(np.asarray(prev_state["draw"])[image]) + int((kind[image, :index] == DRAW).sum())
+            where += f"normalisation draw {draw + 1} of {self.config.normalize_draws} at "
+        step = first_step + offset
+        for k, v in zip(names, values[image, index]):
             if not np.isfinite(v):
                 raise NonFiniteError(f"{where}step {step}: loss term '{k}' is {v}; nothing was written")
-        if not np.isfinite(total[image, offset]):
-            raise NonFiniteError(f"{where}step {step}: the weighted total is {total[image, offset]}; nothing was written")
+        if not np.isfinite(total[image, index]):
+            raise NonFiniteError(f"{where}step {step}: the weighted total is {total[image, index]}; nothing was written")
         # The gradient went non-finite with finite values: replay to that step and test each term alone.
         culprits = self._diagnose(prev_state, image, offset, x0, target, text, terms_at)
         raise NonFiniteError(
@@ -205,7 +222,7 @@ class Protector:
         single = Protector(self.backbone, dataclasses.replace(self.config, chunk_size=1, checkpoint_every=1))
         run1, _ = single._fns(x0.shape[1:3], "sequential", 1)
         img_text = _index(text, image)
-        for _ in range(offset):
+        for _ in range(offset):  # one step per call (after any pending draws, which move neither delta nor key)
             batched = jax.tree.map(lambda a: np.asarray(a)[None], state)
             state, _ = run1(params, x0[image][None], target, jax.tree.map(lambda a: a[None], img_text), batched)
             state = _index(jax.tree.map(np.asarray, state), 0)

@@ -143,17 +143,6 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
         values = jnp.stack([terms[k] for k in names])
         return jnp.sum(w * values / scale), values
 
-    def initial_scale(params, x0, delta, text, anchor, target, key):
-        """Mean |value| of each term over ``normalize_draws`` draws at the start (never zero); ``key`` is the
-        run's step-0 key, so the draws follow the seed."""
-        keys = jax.random.split(jax.random.fold_in(key, 2), config.normalize_draws)
-        def one(k):
-            terms = loss_terms(params, x0, delta, k, text, anchor, target)
-            return jnp.stack([terms[name] for name in names])
-
-        draws = jax.lax.map(one, keys)
-        return jnp.maximum(jnp.mean(jnp.abs(jax.lax.stop_gradient(draws)), axis=0), 1e-12)
-
     def space_update(space, x_adv, grad):
         opt = optimizers[space]
         direction = lambda g: opt.update(g, opt.init(g))[0]  # noqa: E731  (stateless: sign, scale)
@@ -163,44 +152,65 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
 
     branches = [functools.partial(space_update, s) for s in space_list]
 
-    def step(params, x0, target, text, anchor, state):
+    # The term normalisation runs through the step's own code: the first ``n_draws`` iterations of a run are
+    # draws of the objective at step 0 (keys from the run's step-0 key, so they follow the seed) that set the
+    # scales and move nothing. One copy of the objective in the program instead of a second, forward-only one
+    # for step 0 (a quarter of DynamiCrafter's compile), for the price of the draws' unused backward passes.
+    n_draws = config.normalize_draws if config.normalize_terms else 0
+    ones = jnp.ones((len(names),), jnp.float32)
+
+    def iteration(params, x0, target, text, anchor, state):
+        """One scan iteration: a normalisation draw while ``state["draw"] < n_draws``, else a protection step."""
         key, step_key = jax.random.split(state["key"])
+        scale, obj_key = state["scale"], step_key
+        if n_draws:
+            drawing = state["draw"] < n_draws
+            draw_key = jax.random.split(jax.random.fold_in(state["key"], 2), n_draws)[
+                jnp.minimum(state["draw"], n_draws - 1)
+            ]
+            obj_key = jax.lax.cond(drawing, lambda: draw_key, lambda: step_key)
+            scale = jnp.where(drawing, ones, scale)
         (total, values), grad = jax.value_and_grad(objective, has_aux=True)(
-            state["delta"], params, x0, step_key, text, anchor, target, state["scale"]
+            state["delta"], params, x0, obj_key, text, anchor, target, scale
         )
         x_adv = x0 + state["delta"]
         space = space_of_step[state["step"] % len(spaces)]
         x_next = jax.lax.switch(space, branches, x_adv, grad)
-        new_state = dict(
-            delta=dsp.project(x_next, x0, config.eps) - x0,
-            step=state["step"] + 1,
-            key=key,
-            scale=state["scale"],
-        )
-        record = dict(values=values, total=total, grad_finite=jnp.all(jnp.isfinite(grad)))
+        new_state = stepped = dict(state, delta=dsp.project(x_next, x0, config.eps) - x0, step=state["step"] + 1,
+                                   key=key)
+        kind = jnp.asarray(STEP, jnp.int32)
+        if n_draws:
+            # A draw: the mean |value| of each term over the draws becomes its scale (never zero).
+            acc, draw = state["acc"] + jnp.abs(values), state["draw"] + 1
+            drawn = dict(state, acc=acc, draw=draw,
+                         scale=jnp.where(draw == n_draws, jnp.maximum(acc / n_draws, 1e-12), state["scale"]))
+            new_state = jax.lax.cond(drawing, lambda: drawn, lambda: stepped)
+            kind = jnp.where(drawing, DRAW, STEP).astype(jnp.int32)
+        record = dict(values=values, total=total, grad_finite=jnp.all(jnp.isfinite(grad)), kind=kind)
         return new_state, record
 
     def chunk(params, x0, target, text, state):
         anchor = anchors(params, x0, target)
-        if config.normalize_terms:
-            scale = jax.lax.cond(
-                state["step"] == 0,
-                lambda: initial_scale(params, x0, state["delta"], text, anchor, target, state["key"]),
-                lambda: state["scale"],
-            )
-            state = dict(state, scale=scale)
 
-        def body(state, _):
-            # Steps past the end of the run are no-ops, so every chunk has the same length (one compile).
-            active = state["step"] < config.steps
-            return jax.lax.cond(
+        def body(carry, _):
+            # ``chunk_size`` steps per chunk, after the draws where the run starts (the draws take
+            # iterations of their own, idle in every later chunk); steps past the end of the run are idle too,
+            # so every chunk has the same length (one compile).
+            state, steps_done = carry
+            drawing = state["draw"] < n_draws
+            active = drawing | ((steps_done < config.chunk_size) & (state["step"] < config.steps))
+            state, record = jax.lax.cond(
                 active,
-                lambda s: step(params, x0, target, text, anchor, s),
+                lambda s: iteration(params, x0, target, text, anchor, s),
                 lambda s: (s, _empty_record(len(names))),
                 state,
             )
+            return (state, steps_done + (record["kind"] == STEP)), record
 
-        return jax.lax.scan(body, state, None, length=config.chunk_size)
+        (state, _), records = jax.lax.scan(
+            body, (state, jnp.asarray(0, jnp.int32)), None, length=config.chunk_size + n_draws
+        )
+        return state, records
 
     def terms_at(params, x0, target, text, state):
         """Per-term values and gradient finiteness at ``state`` (only used to explain a failure)."""
@@ -217,11 +227,17 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
     return chunk, terms_at
 
 
+# What each scan iteration was, in its record's ``kind``: idle (past the run's end, or a chunk's spare draw
+# slots), a normalisation draw, or a protection step.
+IDLE, DRAW, STEP = 0, 1, 2
+
+
 def _empty_record(n_terms: int) -> dict[str, jax.Array]:
     return dict(
         values=jnp.full((n_terms,), jnp.nan, jnp.float32),
         total=jnp.asarray(jnp.nan, jnp.float32),
         grad_finite=jnp.asarray(True),
+        kind=jnp.asarray(IDLE, jnp.int32),
     )
 
 
@@ -232,7 +248,8 @@ def _initial_state(config: AttackConfig, x0: np.ndarray) -> dict[str, np.ndarray
 
 def _state_from_key(config: AttackConfig, x0: jax.Array, root: jax.Array) -> dict[str, jax.Array]:
     """The loop state at step 0 from a PRNG key (traceable): the random start inside the budget, the step
-    counter, the key of the timestep/noise draws and the term scales (set at step 0 when normalising)."""
+    counter, the key of the timestep/noise draws, the term scales (set by the normalisation draws), and the
+    draws' count and running sum of |value|."""
     delta = jnp.zeros_like(x0)
     if config.random_start:
         noise = jax.random.uniform(jax.random.fold_in(root, 1), x0.shape, minval=-config.eps, maxval=config.eps)
@@ -242,6 +259,8 @@ def _state_from_key(config: AttackConfig, x0: jax.Array, root: jax.Array) -> dic
         step=jnp.asarray(0, jnp.int32),
         key=jax.random.fold_in(root, 0),
         scale=jnp.ones((len(config.term_names),), jnp.float32),
+        draw=jnp.asarray(0, jnp.int32),
+        acc=jnp.zeros((len(config.term_names),), jnp.float32),
     )
 
 
@@ -262,7 +281,8 @@ def make_protect_fn(backbone: Backbone, config: AttackConfig | None = None, *,
     to float rounding: the loss histories to ~1e-6, the saved pixels but for one on a half level now and then.
     """
     config, _ = resolve_terms(backbone, config or AttackConfig())
-    chunk, _ = _make_chunk_fn(backbone, dataclasses.replace(config, chunk_size=config.steps), image_size)
+    chunk, _ = _make_chunk_fn(backbone, dataclasses.replace(config, chunk_size=max(config.steps, 1)), image_size)
+    draws = config.normalize_draws if config.normalize_terms else 0  # the scan's first iterations
     default_target = _prepare_target(None, image_size, config.target_seed).astype(np.float32) / 255.0
 
     def fn(params, image, key, text, target=None):
@@ -271,6 +291,7 @@ def make_protect_fn(backbone: Backbone, config: AttackConfig | None = None, *,
             raise UserError(f"make_protect_fn was built for images of {image_size}, got {x0.shape}")
         tgt = jnp.asarray(default_target if target is None else target, jnp.float32)
         state, record = chunk(params, x0, tgt, text, _state_from_key(config, x0, key))
+        record = jax.tree.map(lambda a: a[draws : draws + config.steps], record)
         history = {k: record["values"][:, i] for i, k in enumerate(config.term_names)}
         history["total"] = record["total"]
         return x0 + state["delta"], history
