@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from anti_i2v_jax.configs import parse_config
 from anti_i2v_jax.nn.attention import attention
+from anti_i2v_jax.nn.conv import Conv
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,9 +58,9 @@ def _group_norm(groups: int, name: str, eps: float = 1e-6) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, name=name)
 
 
-def _conv(features: int, kernel: int, name: str, stride: int = 1, padding: Any = "SAME_TORCH") -> nn.Conv:
+def _conv(features: int, kernel: int, name: str, stride: int = 1, padding: Any = "SAME_TORCH") -> Conv:
     pad = ((kernel // 2, kernel // 2),) * 2 if padding == "SAME_TORCH" else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, name=name)
+    return Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, name=name)
 
 
 class ResnetBlock2D(nn.Module):
@@ -213,9 +214,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg, taps=self.taps)
         self.decoder = Decoder(cfg)
         if cfg.use_quant_conv:
-            self.quant_conv = nn.Conv(2 * cfg.latent_channels, (1, 1), name="quant_conv")
+            self.quant_conv = Conv(2 * cfg.latent_channels, (1, 1), name="quant_conv")
         if cfg.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1), name="post_quant_conv")
+            self.post_quant_conv = Conv(cfg.latent_channels, (1, 1), name="post_quant_conv")
 
     def encode(self, x):
         h = self.encoder(x)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anti_i2v_jax.errors import UserError
+from anti_i2v_jax.nn.conv import Conv
 
 # torchvision VGG16 ("configuration D"): channels of each 3x3 convolution, "M" a 2x2 max-pool. The
 # index of each layer in ``features`` (conv, ReLU and pool each take one) names its module.
@@ -66,7 +67,7 @@ class VGG16Features(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
                 index += 1
                 continue
-            x = nn.relu(nn.Conv(item, (3, 3), padding=((1, 1), (1, 1)), name=f"features_{index}")(x))
+            x = nn.relu(Conv(item, (3, 3), padding=((1, 1), (1, 1)), name=f"features_{index}")(x))
             index += 2
         stages.append(x)
         return stages

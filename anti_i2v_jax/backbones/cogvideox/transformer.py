@@ -18,6 +18,7 @@ import numpy as np
 
 from anti_i2v_jax.backbones.cogvideox.config import TransformerConfig
 from anti_i2v_jax.nn.attention import attention
+from anti_i2v_jax.nn.conv import Conv
 from anti_i2v_jax.nn.embeddings import (
     apply_interleaved_rope,
     sincos_1d,
@@ -130,7 +131,7 @@ class PatchEmbed(nn.Module):
         text = nn.Dense(d, name="text_proj")(text)
         if cfg.patch_size_t is None:
             # (B*F, H, W, C) -> (B*F, H/p, W/p, D) -> (B, F*h*w, D)
-            x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias, name="proj")(
+            x = Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias, name="proj")(
                 video.reshape(b * f, h, w, c)
             )
             x = x.reshape(b, -1, d)

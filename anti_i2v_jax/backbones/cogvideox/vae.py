@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anti_i2v_jax.backbones.cogvideox.config import VAEConfig
+from anti_i2v_jax.nn.conv import Conv, conv_general_dilated
 
 Cache = dict[str, Any] | None
 
@@ -43,7 +44,7 @@ def _conv2d(x, w):
     n, h, wd, _ = x.shape
     ho, wo = h - kh + 1, wd - kw + 1
     if ho * wo > _PATCH_MATMUL_MAX_PIXELS or kh * kw == 1:
-        return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     # (N, H, W, C) -> (N*Ho*Wo, kh*kw*C), taps ordered (i, j, c) like the kernel's reshape
     patches = jnp.concatenate([x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
     return (patches.reshape(-1, kh * kw * ci) @ w.reshape(-1, co)).reshape(n, ho, wo, co)
@@ -206,7 +207,7 @@ class Downsample3D(nn.Module):
         x = jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)))
         b, t = x.shape[:2]
         # (B, T, H, W, C) -> (B*T, H, W, C): a 2-D conv per frame
-        y = nn.Conv(self.features, (3, 3), strides=(2, 2), padding="VALID", name="conv")(x.reshape(b * t, *x.shape[2:]))
+        y = Conv(self.features, (3, 3), strides=(2, 2), padding="VALID", name="conv")(x.reshape(b * t, *x.shape[2:]))
         return y.reshape(b, t, *y.shape[1:])
 
 
@@ -227,7 +228,7 @@ class Upsample3D(nn.Module):
         else:
             x = up2(x, (2, 3))
         b, t = x.shape[:2]
-        y = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv")(x.reshape(b * t, *x.shape[2:]))
+        y = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv")(x.reshape(b * t, *x.shape[2:]))
         return y.reshape(b, t, *y.shape[1:])
 
 

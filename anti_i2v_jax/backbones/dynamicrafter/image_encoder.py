@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anti_i2v_jax.nn.clip import Transformer
+from anti_i2v_jax.nn.conv import Conv
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,7 +45,7 @@ class VisionTower(nn.Module):
     def __call__(self, x):  # (B, H, W, 3) -> (B, 1 + g*g, W)
         cfg = self.config
         p = cfg.patch_size
-        x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False, name="conv1")(x)
+        x = Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False, name="conv1")(x)
         b = x.shape[0]
         x = x.reshape(b, -1, cfg.width)  # (B, g*g, W), row-major patches
         cls = self.param("class_embedding", nn.initializers.normal(cfg.width**-0.5), (cfg.width,))

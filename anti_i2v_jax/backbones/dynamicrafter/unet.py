@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from anti_i2v_jax.configs import parse_config
 from anti_i2v_jax.nn.attention import attention
+from anti_i2v_jax.nn.conv import Conv
 from anti_i2v_jax.nn.embeddings import timestep_embedding
 from anti_i2v_jax.nn.remat import maybe_remat
 
@@ -69,8 +70,8 @@ def _gn(name: str, eps: float) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, epsilon=eps, use_fast_variance=False, name=name)
 
 
-def _conv(features: int, name: str, stride: int = 1) -> nn.Conv:
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), name=name)
+def _conv(features: int, name: str, stride: int = 1) -> Conv:
+    return Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), name=name)
 
 
 def _frames(x, b):  # (B*T, H, W, C) -> (B, T, H, W, C)
@@ -88,7 +89,7 @@ class TemporalConvBlock(nn.Module):
         for i, (gn, conv) in enumerate((("0", "2"), ("0", "3"), ("0", "3"), ("0", "3")), start=1):
             h = nn.silu(_gn(f"conv{i}_{gn}", 1e-5)(h))
             h = jnp.pad(h, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
-            h = nn.Conv(self.channels, (3, 1, 1), padding="VALID", name=f"conv{i}_{conv}")(h)
+            h = Conv(self.channels, (3, 1, 1), padding="VALID", name=f"conv{i}_{conv}")(h)
         return x + h.reshape(x.shape)
 
 
@@ -105,7 +106,7 @@ class ResBlock(nn.Module):
         h = h + nn.Dense(self.out_channels, name="emb_layers_1")(nn.silu(emb))[:, None, None, :]
         h = _conv(self.out_channels, "out_layers_3")(nn.silu(_gn("out_layers_0", 1e-5)(h)))
         if self.in_channels != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), name="skip_connection")(x)
+            x = Conv(self.out_channels, (1, 1), name="skip_connection")(x)
         h = x + h
         if self.temporal_conv:
             h = TemporalConvBlock(self.out_channels, name="temopral_conv")(h, b)
@@ -279,7 +280,7 @@ class UNetModel(nn.Module):
         res = maybe_remat(ResBlock, cfg.remat, cfg.remat_policy)
         heads_of = lambda ch: (ch // cfg.num_head_channels, cfg.num_head_channels)  # noqa: E731
         h = x.reshape(b * t, *x.shape[2:])  # (B*T, h, w, C)
-        h = nn.Conv(mc, (3, 3), padding=((1, 1), (1, 1)), name="input_blocks_0_0")(h)
+        h = Conv(mc, (3, 3), padding=((1, 1), (1, 1)), name="input_blocks_0_0")(h)
         self._sow("input_blocks.0", h)
         if cfg.addition_attention:
             h = self._temporal(mc, 8, cfg.num_head_channels, name="init_attn_0")(h, b)
@@ -327,7 +328,7 @@ class UNetModel(nn.Module):
                 self._sow(f"output_blocks.{idx}", h)
                 idx += 1
 
-        h = nn.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="out_2")(nn.silu(_gn("out_0", 1e-5)(h)))
+        h = Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="out_2")(nn.silu(_gn("out_0", 1e-5)(h)))
         return h.reshape(b, t, *h.shape[1:])
 
     def _attention(self, h, context, b, ch, heads, prefix, first=1):

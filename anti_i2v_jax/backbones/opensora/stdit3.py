@@ -20,6 +20,7 @@ import numpy as np
 
 from anti_i2v_jax.configs import parse_config
 from anti_i2v_jax.nn.attention import attention
+from anti_i2v_jax.nn.conv import Conv
 from anti_i2v_jax.nn.embeddings import apply_interleaved_rope, timestep_embedding
 from anti_i2v_jax.nn.remat import maybe_remat, stack_layers
 
@@ -315,7 +316,7 @@ class _PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x):
         p = self.config.patch_size
-        return nn.Conv(self.config.hidden_size, p, strides=p, padding="VALID", name="proj")(x)
+        return Conv(self.config.hidden_size, p, strides=p, padding="VALID", name="proj")(x)
 
 
 class _CaptionEmbedder(nn.Module):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from anti_i2v_jax.configs import parse_config
 from anti_i2v_jax.nn.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from anti_i2v_jax.nn.conv import Conv
 
 SPATIAL_SCALE = 0.18215  # hard-coded by Open-Sora (the SDXL config's 0.13025 is ignored)
 
@@ -86,7 +87,7 @@ class CausalConv3d(nn.Module):
         k = self.kernel
         tp, sp = k - 1 + (1 - self.stride), k // 2
         x = jnp.pad(x, ((0, 0), (tp, 0), (sp, sp), (sp, sp), (0, 0)))
-        return nn.Conv(self.features, (k, k, k), strides=(self.stride, 1, 1), padding="VALID",
+        return Conv(self.features, (k, k, k), strides=(self.stride, 1, 1), padding="VALID",
                        use_bias=self.use_bias, name="conv")(x)
 
 

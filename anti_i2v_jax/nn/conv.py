@@ -1,0 +1,121 @@
+"""Convolutions whose input gradient stays fast on XLA's CPU backend.
+
+The gradient of a convolution with respect to its input is a convolution of the output gradient with the
+kernel flipped in space and with its input and output channels swapped. JAX writes the swap as dimension
+numbers (``...oi``), not as data. Compiled on its own, XLA's CPU backend then copies the kernel into the
+layout its fast convolution wants; inside a loop (the protection steps run in ``lax.scan``) it keeps the
+swapped layout instead and falls back to a generic convolution several times slower: measured on Open-Sora's
+VAE, the steps of a scanned run took 1.5x the time of the same step compiled alone, nearly all of it in those
+convolutions. :func:`conv_general_dilated` computes the input gradient from a kernel it flips and transposes
+itself, behind an optimisation barrier so that the copy is real: the fast convolution in or out of a loop.
+
+That holds on CPU only. Elsewhere (GPU: cuDNN runs the input gradient from the kernel as it is) the gradient is
+JAX's own. The kernel's gradient, where anything asks for it, is JAX's own everywhere; a protection step never
+asks (the weights are constants), and then the forward pass keeps nothing for it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None):
+    """``lax.conv_general_dilated`` (same arguments) with the CPU-friendly input gradient, for channel-last
+    inputs with ``...IO`` kernels (Flax's ``nn.Conv`` layout), no dilation and no groups; other layouts go to
+    ``lax.conv_general_dilated`` unchanged."""
+    nd = lhs.ndim - 2
+    plain = functools.partial(
+        lax.conv_general_dilated, window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type,
+    )
+    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if dilated or feature_group_count != 1 or batch_group_count != 1 or not _channels_last(dimension_numbers, nd):
+        return plain(lhs, rhs)
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)
+
+
+class Conv(nn.Conv):
+    """``flax.linen.Conv`` computing with :func:`conv_general_dilated` (same parameters, same names)."""
+
+    conv_general_dilated: object = conv_general_dilated
+
+
+def _spec(nd: int) -> tuple[str, str, str]:
+    space = "DHW"[-nd:] if nd <= 3 else "".join(chr(ord("a") + i) for i in range(nd))
+    return f"N{space}C", f"{space}IO", f"N{space}C"
+
+
+def _channels_last(dimension_numbers, nd: int) -> bool:
+    if dimension_numbers is None:  # lax's default is channel-first
+        return False
+    if not isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        dimension_numbers = lax.conv_dimension_numbers((1,) * (nd + 2), (1,) * (nd + 2), dimension_numbers)
+    wanted = lax.conv_dimension_numbers((1,) * (nd + 2), (1,) * (nd + 2), _spec(nd))
+    return tuple(map(tuple, dimension_numbers)) == tuple(map(tuple, wanted))
+
+
+def _forward(x, w, strides, pads, precision, preferred):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_spec(x.ndim - 2), precision=precision,
+                                    preferred_element_type=preferred)
+
+
+def _conv(x, w, strides, pads, precision, preferred):
+    # the input's shape and dtype are static: the input gradient needs them where the input is not kept
+    return _conv_vjp(x, w, (strides, pads, precision, preferred, x.shape, jnp.dtype(x.dtype)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_vjp(x, w, static):
+    strides, pads, precision, preferred, _, _ = static
+    return _forward(x, w, strides, pads, precision, preferred)
+
+
+def _conv_fwd(x, w, static):
+    strides, pads, precision, preferred, _, _ = static
+    kept = x.value if w.perturbed else None  # the input only where the kernel's gradient is wanted
+    return _forward(x.value, w.value, strides, pads, precision, preferred), (kept, w.value)
+
+
+def _conv_bwd(static, residuals, g):
+    strides, pads, precision, preferred, x_shape, x_dtype = static
+    x, w = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None
+
+    def native(g, w):  # JAX's own rule: the channel swap as dimension numbers
+        transpose = jax.linear_transpose(lambda a: _forward(a, w, strides, pads, precision, preferred),
+                                         jax.ShapeDtypeStruct(x_shape, x_dtype))
+        return transpose(g)[0]
+
+    def materialised(g, w):
+        nd = len(strides)
+        flipped = jnp.swapaxes(jnp.flip(w, axis=tuple(range(nd))), -1, -2)
+        flipped = lax.optimization_barrier(flipped)  # a real copy in the fast layout, never folded back
+        out, k = g.shape[1:-1], w.shape[:nd]
+        grad_pads = [(k[i] - 1 - lo, x_shape[1 + i] - 1 - (out[i] - 1) * strides[i] + lo)
+                     for i, (lo, _) in enumerate(pads)]
+        return lax.conv_general_dilated(g, flipped, (1,) * nd, grad_pads, lhs_dilation=strides,
+                                        dimension_numbers=_spec(nd), precision=precision,
+                                        preferred_element_type=preferred)
+
+    dx = lax.platform_dependent(g, w, cpu=materialised, default=native).astype(x_dtype)
+    dw = None
+    if x is not None:
+        _, vjp_w = jax.vjp(lambda b: _forward(x, b, strides, pads, precision, preferred), w)
+        dw = vjp_w(g)[0]
+    return dx, dw
+
+
+_conv_vjp.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
