@@ -101,6 +101,9 @@ def _conv_bwd(static, residuals, g):
 
     def materialised(g, w):
         nd = len(strides)
+        # Made from the kernel once the output gradient exists, so that the copy lives only for this
+        # convolution (not from the start of the program, as all of them would otherwise).
+        w, _ = lax.optimization_barrier((w, g))
         flipped = jnp.swapaxes(jnp.flip(w, axis=tuple(range(nd))), -1, -2)
         flipped = lax.optimization_barrier(flipped)  # a real copy in the fast layout, never folded back
         out, k = g.shape[1:-1], w.shape[:nd]
