@@ -4,9 +4,9 @@ The gradient of a convolution with respect to its input is a convolution of the 
 kernel flipped in space and with its input and output channels swapped. JAX writes the swap as dimension
 numbers (``...oi``), not as data. Compiled on its own, XLA's CPU backend then copies the kernel into the
 layout its fast convolution wants; inside a loop (the protection steps run in ``lax.scan``) it keeps the
-swapped layout instead and falls back to a generic convolution several times slower: measured on Open-Sora's
-VAE, the steps of a scanned run took 1.5x the time of the same step compiled alone, nearly all of it in those
-convolutions. :func:`conv_general_dilated` computes the input gradient from a kernel it flips and transposes
+swapped layout instead and falls back to a generic convolution several times slower: measured on this
+project's CPU benchmarks, a step in a scan took 1.45x (Open-Sora) and 2.3x (DynamiCrafter) the time of the same
+step compiled alone, nearly all of the difference in those convolutions. :func:`conv_general_dilated` computes the input gradient from a kernel it flips and transposes
 itself, behind an optimisation barrier so that the copy is real: the fast convolution in or out of a loop.
 
 That holds on CPU only. Elsewhere (GPU: cuDNN runs the input gradient from the kernel as it is) the gradient is
