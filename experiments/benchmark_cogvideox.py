@@ -340,16 +340,7 @@ def worker_jax(folder: Path, repeats: int) -> dict:
                      t[None], rope)[0]
         return jnp.mean((v - scheduler.get_velocity(ac, x0, noise, t)) ** 2)
 
-    step = jax.jit(jax.value_and_grad(loss_fn))
-    image = jnp.asarray(inp["image"])
-    t0 = time.perf_counter()
-    compiled = step.lower(image, params).compile()
-    compile_s = time.perf_counter() - t0
-    loss, grad = jax.block_until_ready(compiled(image, params))
-    median_s, peak = time_repeats(lambda: jax.block_until_ready(compiled(image, params)), repeats)
-    scanned = measure_jitted(in_a_scan(jax.value_and_grad(loss_fn)), (image, params), max(1, repeats // 2))
-    return dict(median_s=median_s, compile_s=compile_s, loss=float(loss), scan_step_s=scanned["median_s"] / SCAN_STEPS,
-                grad_norm=float(jnp.linalg.norm(grad)), peak_rss_mb=peak, device=jax.devices()[0].device_kind)
+    return jax_worker_result(jax.value_and_grad(loss_fn), (jnp.asarray(inp["image"]), params), repeats, None)
 
 
 def main() -> None:

@@ -138,7 +138,7 @@ class Protector:
             state, history = restored
             # Saves written before the normalisation draws ran in the loop lack the draws' fields; every save is
             # past its draws.
-            state.setdefault("draw", np.full(len(images), config.normalize_draws, np.int32))
+            state.setdefault("draw", np.full(len(images), config.draws, np.int32))
             state.setdefault("acc", np.zeros((len(images), len(names)), np.float32))
         else:
             state = jax.tree.map(lambda *xs: np.stack(xs), *[_initial_state(config, x) for x in x0])

@@ -160,6 +160,11 @@ class AttackConfig:
         return cls(**{"method": method, **METHODS[method], **overrides})
 
     @property
+    def draws(self) -> int:
+        """The normalisation draws this run takes before its first step (0 when it does not normalise)."""
+        return self.normalize_draws if self.normalize_terms else 0
+
+    @property
     def term_names(self) -> tuple[str, ...]:
         """The loss terms this run computes and records, in a fixed order."""
         return tuple(name for name, w in self.weights if w != 0)

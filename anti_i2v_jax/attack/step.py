@@ -156,7 +156,7 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
     # draws of the objective at step 0 (keys from the run's step-0 key, so they follow the seed) that set the
     # scales and move nothing. One copy of the objective in the program instead of a second, forward-only one
     # for step 0 (a quarter of DynamiCrafter's compile), for the price of the draws' unused backward passes.
-    n_draws = config.normalize_draws if config.normalize_terms else 0
+    n_draws = config.draws
     ones = jnp.ones((len(names),), jnp.float32)
 
     def iteration(params, x0, target, text, anchor, state):
@@ -282,7 +282,6 @@ def make_protect_fn(backbone: Backbone, config: AttackConfig | None = None, *,
     """
     config, _ = resolve_terms(backbone, config or AttackConfig())
     chunk, _ = _make_chunk_fn(backbone, dataclasses.replace(config, chunk_size=max(config.steps, 1)), image_size)
-    draws = config.normalize_draws if config.normalize_terms else 0  # the scan's first iterations
     default_target = _prepare_target(None, image_size, config.target_seed).astype(np.float32) / 255.0
 
     def fn(params, image, key, text, target=None):
@@ -291,7 +290,7 @@ def make_protect_fn(backbone: Backbone, config: AttackConfig | None = None, *,
             raise UserError(f"make_protect_fn was built for images of {image_size}, got {x0.shape}")
         tgt = jnp.asarray(default_target if target is None else target, jnp.float32)
         state, record = chunk(params, x0, tgt, text, _state_from_key(config, x0, key))
-        record = jax.tree.map(lambda a: a[draws : draws + config.steps], record)
+        record = jax.tree.map(lambda a: a[config.draws : config.draws + config.steps], record)  # draws first
         history = {k: record["values"][:, i] for i, k in enumerate(config.term_names)}
         history["total"] = record["total"]
         return x0 + state["delta"], history

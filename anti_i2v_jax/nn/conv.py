@@ -6,8 +6,9 @@ numbers (``...oi``), not as data. Compiled on its own, XLA's CPU backend then co
 layout its fast convolution wants; inside a loop (the protection steps run in ``lax.scan``) it keeps the
 swapped layout instead and falls back to a generic convolution several times slower: measured on this
 project's CPU benchmarks, a step in a scan took 1.45x (Open-Sora) and 2.3x (DynamiCrafter) the time of the same
-step compiled alone, nearly all of the difference in those convolutions. :func:`conv_general_dilated` computes the input gradient from a kernel it flips and transposes
-itself, behind an optimisation barrier so that the copy is real: the fast convolution in or out of a loop.
+step compiled alone, nearly all of the difference in those convolutions. :func:`conv_general_dilated` computes
+the input gradient from a kernel it flips and transposes itself, behind an optimisation barrier so that the copy
+is real: the fast convolution in or out of a loop.
 
 That holds on CPU only. Elsewhere (GPU: cuDNN runs the input gradient from the kernel as it is) the gradient is
 JAX's own. The kernel's gradient, where anything asks for it, is JAX's own everywhere; a protection step never
@@ -43,7 +44,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)
+    # the input's shape and dtype are static: the input gradient needs them where the input is not kept
+    return _conv(lhs, rhs, (strides, pads, precision, preferred_element_type, lhs.shape, jnp.dtype(lhs.dtype)))
 
 
 class Conv(nn.Conv):
@@ -71,13 +73,8 @@ def _forward(x, w, strides, pads, precision, preferred):
                                     preferred_element_type=preferred)
 
 
-def _conv(x, w, strides, pads, precision, preferred):
-    # the input's shape and dtype are static: the input gradient needs them where the input is not kept
-    return _conv_vjp(x, w, (strides, pads, precision, preferred, x.shape, jnp.dtype(x.dtype)))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_vjp(x, w, static):
+def _conv(x, w, static):
     strides, pads, precision, preferred, _, _ = static
     return _forward(x, w, strides, pads, precision, preferred)
 
@@ -121,4 +118,4 @@ def _conv_bwd(static, residuals, g):
     return dx, dw
 
 
-_conv_vjp.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
+_conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)

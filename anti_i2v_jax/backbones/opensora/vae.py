@@ -88,7 +88,7 @@ class CausalConv3d(nn.Module):
         tp, sp = k - 1 + (1 - self.stride), k // 2
         x = jnp.pad(x, ((0, 0), (tp, 0), (sp, sp), (sp, sp), (0, 0)))
         return Conv(self.features, (k, k, k), strides=(self.stride, 1, 1), padding="VALID",
-                       use_bias=self.use_bias, name="conv")(x)
+                    use_bias=self.use_bias, name="conv")(x)
 
 
 class ResBlock(nn.Module):
