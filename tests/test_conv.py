@@ -1,5 +1,6 @@
 """The convolution every backbone uses: lax's values and gradients, and the fast input gradient in a loop."""
 
+import functools
 import re
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from anti_i2v_jax.nn import conv
 from anti_i2v_jax.nn.conv import Conv, conv_general_dilated
 
 CASES = [  # (input shape, kernel shape, strides, padding)
@@ -25,8 +27,11 @@ def _dn(ndim):
     return ("NHWC", "HWIO", "NHWC") if ndim == 4 else ("NDHWC", "DHWIO", "NDHWC")
 
 
+@pytest.mark.parametrize("small_map", [False, True], ids=["flipped-kernel", "by-taps"])
 @pytest.mark.parametrize("x_shape, w_shape, strides, padding", CASES)
-def test_values_and_gradients_equal_lax(x_shape, w_shape, strides, padding):
+def test_values_and_gradients_equal_lax(x_shape, w_shape, strides, padding, small_map, monkeypatch):
+    # both CPU input gradients on every case, whatever the map's size would choose
+    monkeypatch.setattr(conv, "_small_map", lambda g_shape, w_shape: small_map)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
     w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
@@ -68,6 +73,34 @@ def test_the_input_gradient_in_a_loop_uses_an_io_kernel():
 
     assert labels(conv_general_dilated) == {"01io"}
     assert "01oi" in labels(lax.conv_general_dilated)  # what the test guards against, as XLA compiles it today
+
+
+def test_a_small_map_gradient_reads_the_kernel_in_place():
+    """On a map with fewer positions than channels the input gradient neither flips nor transposes the kernel
+    (the largest array there): compiled in a loop, nothing of the kernel's size is made but the kernel itself;
+    the values equal lax's, in float32 and, to bfloat16 rounding, in bfloat16."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 24, 40)), jnp.float32) / 25
+    pads = ((2, 0), (1, 1), (1, 1))
+    assert conv._small_map((1, 2, 4, 4, 40), w.shape)  # 32 positions, 40 channels
+
+    def run(conv_fn, x, w):
+        grad = jax.grad(lambda x: jnp.sum(jnp.tanh(conv_fn(x, w, (1, 1, 1), pads, dimension_numbers=_dn(5)))))
+        return lax.scan(lambda x, _: (x - 1e-2 * grad(x), None), x, None, length=3)[0]
+
+    def kernel_sized(conv_fn):  # the ops that make an array of the kernel's size
+        hlo = jax.jit(functools.partial(run, conv_fn)).lower(x, w).compile().as_text()
+        made = re.findall(r"= f32\[([\d,]+)\]\S* ([\w-]+)\(", hlo)
+        return {op for dims, op in made if np.prod([int(d) for d in dims.split(",")]) == w.size} - {
+            "parameter", "get-tuple-element", "bitcast", "tuple", "opt-barrier"}
+
+    assert kernel_sized(conv_general_dilated) == set()
+    assert kernel_sized(lax.conv_general_dilated)  # lax's rule does copy it: the test can tell
+    np.testing.assert_allclose(jax.jit(functools.partial(run, conv_general_dilated))(x, w),
+                               run(lax.conv_general_dilated, x, w), atol=1e-5)
+    bf16 = jax.jit(functools.partial(run, conv_general_dilated))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    np.testing.assert_allclose(np.asarray(bf16, np.float32), run(lax.conv_general_dilated, x, w), atol=0.05)
 
 
 def test_module_has_flax_conv_parameters():

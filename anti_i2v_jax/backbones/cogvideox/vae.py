@@ -30,24 +30,9 @@ def _group_norm(groups: int, eps: float, name: str) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, name=name)
 
 
-_PATCH_MATMUL_MAX_PIXELS = 32 * 32
-
-
 def _conv2d(x, w):
-    """VALID 2-D convolution of (N, H, W, C) by (kh, kw, C, O).
-
-    Small feature maps with many channels go through a patch matrix times the kernel: XLA on CPU runs
-    those (and their gradients) several times faster than its convolution there; larger maps use the
-    convolution, which wins on them.
-    """
-    kh, kw, ci, co = w.shape
-    n, h, wd, _ = x.shape
-    ho, wo = h - kh + 1, wd - kw + 1
-    if ho * wo > _PATCH_MATMUL_MAX_PIXELS or kh * kw == 1:
-        return conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    # (N, H, W, C) -> (N*Ho*Wo, kh*kw*C), taps ordered (i, j, c) like the kernel's reshape
-    patches = jnp.concatenate([x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
-    return (patches.reshape(-1, kh * kw * ci) @ w.reshape(-1, co)).reshape(n, ho, wo, co)
+    """VALID 2-D convolution of (N, H, W, C) by (kh, kw, C, O)."""
+    return conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class Conv3dAs2d(nn.Module):
