@@ -99,7 +99,46 @@ def measure_jitted(fn, args, repeats: int) -> dict:
     compile_s = time.perf_counter() - t0
     first = jax.block_until_ready(compiled(*args))
     median_s, peak = time_repeats(lambda: jax.block_until_ready(compiled(*args)), repeats)
-    return dict(median_s=median_s, compile_s=compile_s, first=first, peak_rss_mb=peak)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return dict(median_s=median_s, compile_s=compile_s, first=first, peak_rss_mb=peak, flops=float(cost["flops"]))
+
+
+MATMUL_N = 2048  # the reference matrix product of the "arithmetic rate" row
+
+
+def matmul_gflops(framework: str, repeats: int = 9) -> float:
+    """GFLOP/s of a float32 MATMUL_N x MATMUL_N matrix product in ``framework`` ("jax" or "torch") on this
+    machine: the rate the convolutions and products of a step could reach at best."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((MATMUL_N, MATMUL_N)).astype(np.float32) for _ in range(2))
+    if framework == "jax":
+        import jax
+
+        f = jax.jit(lambda a, b: a @ b)
+        a, b = jax.device_put(a), jax.device_put(b)
+        run = lambda: jax.block_until_ready(f(a, b))  # noqa: E731
+    else:
+        import torch
+
+        a, b = torch.from_numpy(a), torch.from_numpy(b)
+        run = lambda: a @ b  # noqa: E731
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return 2 * MATMUL_N**3 / statistics.median(times) / 1e9
+
+
+def rate_row(pt: dict, jx: dict) -> str:
+    """The table row of arithmetic rates: the step's FLOPs (XLA's count, the same arithmetic on both sides) over
+    each side's step time, and the share of that framework's own float32 matrix-product rate."""
+    pt_rate, jx_rate = jx["flops"] / pt["median_s"] / 1e9, jx["flops"] / jx["scan_step_s"] / 1e9
+    return (f"| arithmetic rate ({jx['flops'] / 1e9:.0f} GFLOP per step, XLA's count) | {pt_rate:.0f} GFLOP/s "
+            f"({pt_rate / pt['matmul_gflops']:.0%} of a {MATMUL_N}² matmul's {pt['matmul_gflops']:.0f}) | "
+            f"{jx_rate:.0f} GFLOP/s in a scan ({jx_rate / jx['matmul_gflops']:.0%} of {jx['matmul_gflops']:.0f}) | |")
 
 
 SCAN_STEPS = 4  # steps per scan in the "as protect runs it" row
@@ -143,7 +182,7 @@ def jax_worker_result(fn, args, repeats: int, folder: Path | None) -> dict:
         np.save(folder / "grad_jax.npy", np.asarray(grad))
     return dict(result, loss=float(loss), grad_norm=float(jnp.linalg.norm(grad)),
                 params=sum(int(np.prod(a.shape)) for a in jax.tree.leaves(args[1])),
-                device=jax.devices()[0].device_kind)
+                device=jax.devices()[0].device_kind, matmul_gflops=matmul_gflops("jax"))
 
 
 def print_jax_only_table(title: str, result: dict) -> None:
@@ -171,6 +210,7 @@ def print_comparison(title: str, upstream: str, pt: dict, jx: dict, grad_pt: np.
           f"{jx['scan_step_s'] / pt['median_s']:.2f}x |")
     print(f"| peak RSS during the steps | {pt['peak_rss_mb']:.0f} MB | {jx['peak_rss_mb']:.0f} MB | "
           f"{jx['peak_rss_mb'] / pt['peak_rss_mb']:.2f}x |")
+    print(rate_row(pt, jx))
     print(f"| first step / compile | {pt['first_s']:.1f} s (eager) | {jx['compile_s']:.1f} s (compile) | |")
     print(f"| loss | {pt['loss']:.6f} | {jx['loss']:.6f} | diff {abs(pt['loss'] - jx['loss']):.1e} |")
     print(f"| gradient to the image | norm {pt['grad_norm']:.4g} | norm {jx['grad_norm']:.4g} | "
@@ -183,7 +223,8 @@ def measure_eager(step, image, repeats: int) -> dict:
     loss, grad = step(image)
     first = time.perf_counter() - t0
     median_s, peak = time_repeats(lambda: step(image), repeats)
-    return dict(median_s=median_s, first_s=first, loss=loss, grad=grad, peak_rss_mb=peak)
+    return dict(median_s=median_s, first_s=first, loss=loss, grad=grad, peak_rss_mb=peak,
+                matmul_gflops=matmul_gflops("torch"))
 
 
 def upstream_benchmark_main(script: str, what: str, upstream_label: str, build, worker_torch, worker_jax) -> None:
@@ -377,6 +418,7 @@ def main() -> None:
           f"{jx['scan_step_s'] / pt['median_s']:.2f}x |")
     print(f"| peak RSS during the steps | {pt['peak_rss_mb']:.0f} MB | {jx['peak_rss_mb']:.0f} MB | "
           f"{jx['peak_rss_mb'] / pt['peak_rss_mb']:.2f}x |")
+    print(rate_row(pt, jx))
     print(f"| first step / compile | {pt['first_s']:.1f} s (eager) | {jx['compile_s']:.1f} s (compile) | |")
     print(f"| loss | {pt['loss']:.6f} | {jx['loss']:.6f} | diff {abs(pt['loss'] - jx['loss']):.1e} |")
     print(f"| grad norm | {pt['grad_norm']:.6g} | {jx['grad_norm']:.6g} | |")
