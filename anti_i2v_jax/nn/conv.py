@@ -155,16 +155,17 @@ def _input_grad_by_taps(g, w, strides, pads, x_shape, precision):
     taps, (n_in, n_out) = w.shape[:nd], w.shape[-2:]
     n, out = g.shape[0], g.shape[1:-1]
     accumulate = jnp.promote_types(g.dtype, jnp.float32)  # the sum over taps in float32 (bf16 runs too)
+    # (*taps, I, O) -> (taps*I, O) and (n, *out, O) -> (n*positions, O): contract O -> (taps*I, n*positions)
     products = lax.dot_general(w.reshape(-1, n_out), g.reshape(-1, n_out), (((1,), (1,)), ((), ())),
                                precision=precision, preferred_element_type=accumulate)
-    products = products.reshape(*taps, n_in, n, *out)
+    products = products.reshape(*taps, n_in, n, *out)  # (taps*I, n*positions) -> (*taps, I, n, *out)
     zero = jnp.zeros((), accumulate)
-    dx = jnp.zeros((n_in, *x_shape[:-1]), accumulate)
+    dx = jnp.zeros((n_in, *x_shape[:-1]), accumulate)  # (I, n, *input space): channels first until the end
     for tap in itertools.product(*map(range, taps)):
         # tap t of output position p read input position p * stride + t - pad_lo
         config = [(0, 0, 0), (0, 0, 0)]
         for i in range(nd):
             lo = tap[i] - pads[i][0]
             config.append((lo, x_shape[1 + i] - lo - (out[i] - 1) * strides[i] - 1, strides[i] - 1))
-        dx = dx + lax.pad(products[tap], zero, config)
-    return jnp.moveaxis(dx, 0, -1)
+        dx = dx + lax.pad(products[tap], zero, config)  # (I, n, *out) -> (I, n, *input space)
+    return jnp.moveaxis(dx, 0, -1)  # (I, n, *input space) -> (n, *input space, I)
