@@ -355,3 +355,36 @@ def test_ctrl_c_during_a_save_completes_the_save_then_interrupts(backbone, image
     resumed = protect(backbone, image, config, checkpoint_dir=ckpt)
     assert resumed.resumed_from == 3
     np.testing.assert_array_equal(resumed.image, full.image)
+
+
+def test_the_clip_term_reuses_the_conditions_tower_pass():
+    """DynamiCrafter conditions on its CLIP image tower's tokens; the CLIP term of the protected image takes its
+    embedding from that same pass (``cond["clip_embedding"]``), so the tower runs once per step for it (its
+    own ``image_embedding`` only for the clean anchor), with the value a second pass would give."""
+    from anti_i2v_jax import losses
+    from anti_i2v_jax.attack import _make_chunk_fn
+    from anti_i2v_jax.backbones import registry
+    from anti_i2v_jax.backbones.dynamicrafter import DynamiCrafterBackbone
+
+    calls = []
+
+    class Counting(DynamiCrafterBackbone):
+        def _own_image_embedding(self, params, x):
+            calls.append(x.shape)
+            return super()._own_image_embedding(params, x)
+
+    tiny = registry.load("dynamicrafter-tiny")
+    backbone = Counting(**{f.name: getattr(tiny, f.name) for f in dataclasses.fields(tiny)})
+    probe = AttackConfig(weights=(("aux", 1.0),), normalize_terms=False, steps=1, chunk_size=1, checkpoint_every=1)
+    size = backbone.model_size
+    _, terms_at = _make_chunk_fn(backbone, probe, size)
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(0.2, 0.8, (*size, 3)).astype(np.float32)
+    delta = rng.uniform(0, 1, x0.shape).astype(np.float32) - x0  # another image: the tiny tower moves little
+    state = dict(delta=delta, key=jax.random.PRNGKey(1), step=np.int32(0), scale=np.ones(1))
+    params = backbone.attack_params
+    out = jax.jit(terms_at)(params, x0, x0, backbone.encode_text(backbone.params, ""), state)
+    assert len(calls) == 1  # the clean anchor's; the protected image's came with its condition
+    want = losses.cosine_distance(backbone.image_embedding(params, x0 + delta), backbone.image_embedding(params, x0))
+    np.testing.assert_allclose(out["aux"][0], want, rtol=1e-4)
+    assert float(want) > 1e-5  # the embeddings differ: the comparison can tell

@@ -571,8 +571,12 @@ def test_clip_image_head_is_open_clips_image_embedding(case):
     cls = tokens[0, 0]
     ln = (cls - cls.mean()) / np.sqrt(cls.var() + 1e-5) * w["ln_post.weight"] + w["ln_post.bias"]
     np.testing.assert_allclose(got, ln @ w["proj"], rtol=1e-4, atol=1e-5)
+    # the condition carries the same embedding (the CLIP terms reuse its tower pass), with or without the head
+    cond, _ = bb.condition(params, x, None)
+    np.testing.assert_allclose(cond["clip_embedding"], got, rtol=1e-6, atol=1e-7)
     del params["clip_head"]  # weights converted before the head was kept: the bare class token
     np.testing.assert_allclose(bb.image_embedding(params, x), cls, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bb.condition(params, x, None)[0]["clip_embedding"], cls, rtol=1e-4, atol=1e-5)
 
 
 @needs_case

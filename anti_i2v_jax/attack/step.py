@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +115,11 @@ def _make_chunk_fn(backbone: Backbone, config: AttackConfig, image_size: tuple[i
         if "texture_mean" in names:
             terms["texture_mean"] = losses.mean_squared(vae["latent"], anchor["target_vae"]["latent"])
         if need_clip:
-            emb = backbone.image_embedding(params, x_adv)
+            # A backbone whose condition already holds this image's CLIP embedding (from the tower pass it
+            # conditions on) saves a second pass and its backward.
+            emb = cond.get("clip_embedding") if isinstance(cond, Mapping) else None
+            if emb is None:
+                emb = backbone.image_embedding(params, x_adv)
             if "aux" in names:
                 terms["aux"] = losses.cosine_distance(emb, anchor["clip_clean"])
             if "vgm_clip" in names:

@@ -19,7 +19,9 @@ Conventions every adapter follows:
   rectified flow: ``-(1 - t/T) (v_hat - v)``), so score distillation has one sign on every backbone;
 * ``image_embedding(params, x)`` is a global CLIP image embedding for the CLIP terms of VGMShield and of
   Anti-I2V's auxiliary loss: an attached OpenCLIP encoder's (``with_clip``), else an image tower of the adapter's
-  own (``_own_image_embedding``: DynamiCrafter's OpenCLIP ViT-H);
+  own (``_own_image_embedding``: DynamiCrafter's OpenCLIP ViT-H). A ``condition`` that is a dict may hold
+  ``clip_embedding``, equal to ``image_embedding(params, x)`` of the same ``x``: the CLIP terms then use it instead
+  of a second pass through the image tower (DynamiCrafter conditions on that tower's tokens);
 * an adapter may expose ``attack_params``, the subset (or re-layout) of its parameters a protection step
   needs; the attack then holds only those and passes them to every method;
 * an adapter may carry LPIPS-VGG (``with_lpips(model)``: a field ``lpips``, its parameters under

@@ -149,8 +149,14 @@ class DynamiCrafterBackbone(AdapterDefaults):
 
     def image_tokens(self, params, image):
         """Resampler tokens (T*16, context_dim) of an image already in [-1, 1] at the model size."""
-        tokens = VisionTower(self.config.vision).apply({"params": self.cast(params["clip_image"])},
-                                                       self.cast(clip_preprocess(image[None])))
+        return self._resample(params, self._vision_tokens(params, image))
+
+    def _vision_tokens(self, params, image):
+        """The OpenCLIP ViT-H's last-block tokens (1, 1 + patches, width) of an image in [-1, 1] at the model size."""
+        return VisionTower(self.config.vision).apply({"params": self.cast(params["clip_image"])},
+                                                     self.cast(clip_preprocess(image[None])))
+
+    def _resample(self, params, tokens):
         return Resampler(self.config.resampler).apply({"params": self.cast(params["resampler"])}, tokens)[0].astype(jnp.float32)
 
     def condition(self, params, x, key, *, vae_layers: Sequence[str] = ()):
@@ -171,7 +177,11 @@ class DynamiCrafterBackbone(AdapterDefaults):
             out["latent"] = z
         video = jnp.repeat(z[None], cfg.frames, axis=0)  # (T, h, w, 4)
         clean = video if self.reference_latents is None else jnp.asarray(self.reference_latents).at[0].set(z)
-        return {"c_concat": video, "video_latents": clean, "image_tokens": self.image_tokens(params, img)}, out
+        tokens = self._vision_tokens(params, img)
+        cond = {"c_concat": video, "video_latents": clean, "image_tokens": self._resample(params, tokens)}
+        if self.clip is None:  # the CLIP terms' embedding comes from the same tower pass (one backward, not two)
+            cond["clip_embedding"] = self._embedding(params, tokens)
+        return cond, out
 
     def add_noise(self, params, cond, key, *, t=None) -> Noisy:
         k_t, k_eps = jax.random.split(key)
@@ -203,9 +213,9 @@ class DynamiCrafterBackbone(AdapterDefaults):
         ``ln_post`` and ``proj`` (``(embed_dim,)``, open_clip's ``encode_image`` before normalisation), as the CLIP
         terms of VGMShield and Anti-I2V use it. Weights converted before the head was kept (no ``clip_head``) give
         the bare class token (``(width,)``) instead."""
-        img = self.preprocess(x)
-        tokens = VisionTower(self.config.vision).apply({"params": self.cast(params["clip_image"])},
-                                                       self.cast(clip_preprocess(img[None])))
+        return self._embedding(params, self._vision_tokens(params, self.preprocess(x)))
+
+    def _embedding(self, params, tokens):
         if "clip_head" not in params:
             return tokens[0, 0].astype(jnp.float32)
         head = ImageHead(self.config.vision).apply({"params": self.cast(params["clip_head"])}, tokens)
