@@ -124,12 +124,7 @@ def matmul_gflops(framework: str, repeats: int = 9) -> float:
         a, b = torch.from_numpy(a), torch.from_numpy(b)
         run = lambda: a @ b  # noqa: E731
     run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return 2 * MATMUL_N**3 / statistics.median(times) / 1e9
+    return 2 * MATMUL_N**3 / time_repeats(run, repeats)[0] / 1e9
 
 
 def rate_row(pt: dict, jx: dict) -> str:
