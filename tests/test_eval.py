@@ -140,7 +140,7 @@ def _write_vit(folder, seed=0, **overrides):
 
 
 def test_dino_vit_matches_transformers(tmp_path):
-    import torch
+    torch = pytest.importorskip("torch")  # the torch extra; the README's test install has only test and eval
 
     from anti_i2v_jax.eval import dino
 
